@@ -1,0 +1,578 @@
+"""
+DiT: a Diffusion Transformer and the diffusion process it is trained with, in one file.
+
+Peebles & Xie, "Scalable Diffusion Models with Transformers" (ICCV 2023), arXiv:2212.09748.
+A DiT is a plain Vision Transformer that denoises: the noisy image is cut into patches (tokens),
+the timestep t and the class label y are embedded into one conditioning vector c, and every block
+is modulated by c through adaptive LayerNorm whose gates start at zero ("adaLN-Zero"), so each
+block begins life as the identity. A final layer turns tokens back into patches: the predicted
+noise (and, with learn_sigma, the interpolation between the two variance bounds).
+
+Read it top to bottom:
+    attention (three interchangeable backends) -> embedders (patches, timesteps, labels)
+    -> adaLN-Zero block -> final layer -> DiT -> 2-D sin-cos positions -> presets
+    -> the Gaussian diffusion process (Ho et al. 2020, Nichol & Dhariwal 2021, Song et al. 2021).
+
+The state dict uses the reference layout (facebookresearch/DiT), so its released checkpoints load
+with `model.load_state_dict(state_dict, strict=True)`. torch only: no timm, no numpy.
+
+    python -c "import dit, torch; m = dit.DiT_models['DiT-S/2'](); print(m(torch.randn(1, 4, 32, 32), torch.tensor([10]), torch.tensor([3])).shape)"
+"""
+
+import functools
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+ATTENTION_BACKENDS = ("auto", "triton", "sdpa", "math")
+
+
+# -----------------------------------------------------------------------------
+# Attention: softmax(Q K^T / sqrt(d)) V, three ways
+# -----------------------------------------------------------------------------
+
+@functools.cache
+def _triton_flash_attention():
+    """Our FlashAttention kernel, or None when Triton (or a working Triton) is not installed."""
+    try:
+        from flash_attn_triton import flash_attention
+    except Exception:  # ImportError, or a Triton that fails while initialising
+        return None
+    return flash_attention
+
+
+def attention(q, k, v, backend="auto"):
+    """Non-causal multi-head attention over (B, H, N, D) tensors; returns (B, H, N, D)."""
+    if backend == "auto":
+        use_triton = q.is_cuda and _triton_flash_attention() is not None
+        backend = "triton" if use_triton else "sdpa"
+    if backend == "math":
+        # Written out for readers: the (N, N) score matrix is materialised, which is exactly
+        # what FlashAttention avoids. Softmax in fp32 keeps bf16/fp16 runs stable.
+        scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, H, N, N)
+        return scores.float().softmax(dim=-1).to(v.dtype) @ v     # (B, H, N, D)
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v)
+    if backend == "triton":
+        flash_attention = _triton_flash_attention()
+        if flash_attention is None:
+            raise RuntimeError("attention backend 'triton' needs the triton package; use 'sdpa'")
+        return flash_attention(q, k, v)
+    raise ValueError(f"unknown attention backend {backend!r}; choose from {ATTENTION_BACKENDS}")
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused q;k;v projection (the ViT/timm layout)."""
+
+    def __init__(self, dim, num_heads, backend="auto"):
+        super().__init__()
+        assert dim % num_heads == 0, f"hidden size {dim} is not divisible by {num_heads} heads"
+        self.num_heads = num_heads
+        self.backend = backend
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads)  # (B, N, 3, H, D)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                         # 3 x (B, H, N, D)
+        x = attention(q, k, v, self.backend)                                   # (B, H, N, D)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))                   # (B, N, C)
+
+
+class Mlp(nn.Module):
+    """Two-layer feed-forward network; GELU with the tanh approximation, as in the reference."""
+
+    def __init__(self, dim, hidden_dim):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+# -----------------------------------------------------------------------------
+# Embedding layers: patches, timesteps, class labels
+# -----------------------------------------------------------------------------
+
+class PatchEmbed(nn.Module):
+    """Patchify: a p x p convolution with stride p is a Linear applied to each flattened patch."""
+
+    def __init__(self, patch_size, in_channels, hidden_size):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        x = self.proj(x)                     # (N, D, H/p, W/p)
+        return x.flatten(2).transpose(1, 2)  # (N, T, D), T = (H/p) * (W/p)
+
+
+def timestep_embedding(t, dim, max_period=10000):
+    """Sinusoidal features of (possibly fractional) timesteps, cos half first then sin half."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)  # (dim/2,)
+    args = t.float()[:, None] * freqs[None]                                                  # (N, dim/2)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)                              # (N, dim)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class TimestepEmbedder(nn.Module):
+    """t -> 256 sinusoidal frequencies -> MLP -> (N, D)."""
+
+    def __init__(self, hidden_size, frequency_embedding_size=256):
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size),
+        )
+
+    def forward(self, t):
+        t_freq = timestep_embedding(t, self.frequency_embedding_size)  # (N, 256)
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))           # (N, D)
+
+
+class LabelEmbedder(nn.Module):
+    """Class label -> (N, D). One extra row, index num_classes, is the "null" label that
+    classifier-free guidance needs: during training a label is replaced by it with probability
+    dropout_prob, so the same network also learns the unconditional model (Ho & Salimans 2022)."""
+
+    def __init__(self, num_classes, hidden_size, dropout_prob):
+        super().__init__()
+        use_null = dropout_prob > 0
+        self.embedding_table = nn.Embedding(num_classes + use_null, hidden_size)
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+
+    def forward(self, labels, train):
+        if train and self.dropout_prob > 0:
+            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+            labels = torch.where(drop, self.num_classes, labels)
+        return self.embedding_table(labels)  # (N, D)
+
+
+# -----------------------------------------------------------------------------
+# Core DiT model: adaLN-Zero blocks and the final layer
+# -----------------------------------------------------------------------------
+
+def modulate(x, shift, scale):
+    """Adaptive LayerNorm's affine part, per sample: x is (N, T, D), shift and scale are (N, D)."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class DiTBlock(nn.Module):
+    """A transformer block conditioned on c by adaLN-Zero (the paper's Fig. 3, right).
+
+    c regresses six vectors: shift/scale for each of the two LayerNorms (which have no weights of
+    their own) and a gate on each residual branch. The regression layer starts at zero, so every
+    gate is zero and the block is the identity at initialisation.
+    """
+
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, attn_backend="auto"):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads, backend=attn_backend)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x, c):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+            self.adaLN_modulation(c).chunk(6, dim=1))                                       # 6 x (N, D)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))  # (N, T, D)
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))   # (N, T, D)
+        return x
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift and scale, no gate) then a Linear from each token to its p*p*C_out patch."""
+
+    def __init__(self, hidden_size, patch_size, out_channels):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # 2 x (N, D)
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # (N, T, p*p*C_out)
+
+
+class DiT(nn.Module):
+    """Diffusion model with a Transformer backbone.
+
+    Argument names follow the paper's code. Ours, keyword only: attn_backend (see attention())
+    and grad_checkpointing (recompute each block in the backward pass: less memory, ~30% slower).
+    """
+
+    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28,
+                 num_heads=16, mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000,
+                 learn_sigma=True, *, attn_backend="auto", grad_checkpointing=False):
+        super().__init__()
+        if input_size % patch_size:
+            raise ValueError(f"input_size {input_size} is not a multiple of patch_size {patch_size}")
+        if attn_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention backend {attn_backend!r}; choose from {ATTENTION_BACKENDS}")
+        self.input_size = input_size
+        self.patch_size = patch_size
+        self.in_channels = in_channels
+        self.out_channels = 2 * in_channels if learn_sigma else in_channels
+        self.num_heads = num_heads
+        self.num_classes = num_classes
+        self.learn_sigma = learn_sigma
+        self.grad_checkpointing = grad_checkpointing
+
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        num_patches = (input_size // patch_size) ** 2
+        # A parameter (not a buffer) only so that the reference checkpoints load strict; it is frozen.
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
+        self.blocks = nn.ModuleList([
+            DiTBlock(hidden_size, num_heads, mlp_ratio, attn_backend) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        def basic_init(module):
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        self.apply(basic_init)
+
+        grid_size = self.input_size // self.patch_size
+        self.pos_embed.data.copy_(sincos_pos_embed_2d(self.pos_embed.shape[-1], grid_size)[None])
+
+        # The patchify convolution is a Linear on flattened patches: initialise it like one.
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+
+        # adaLN-Zero: zero gates make every block the identity, and a zero final layer makes the
+        # whole network output zero. The paper (Table 4 / Fig. 5) finds this init trains best.
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def unpatchify(self, x):
+        """(N, T, p*p*C) -> (N, C, H, W); the inverse of PatchEmbed's token order."""
+        c, p = self.out_channels, self.patch_size
+        h = w = int(x.shape[1] ** 0.5)
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], c, h * p, w * p)
+
+    def forward(self, x, t, y):
+        """x: (N, C, H, W) noisy images or latents, t: (N,) timesteps, y: (N,) class labels."""
+        x = self.x_embedder(x) + self.pos_embed  # (N, T, D), T = H * W / p ** 2
+        c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
+        for block in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, c, use_reentrant=False)
+            else:
+                x = block(x, c)                  # (N, T, D)
+        x = self.final_layer(x, c)               # (N, T, p * p * C_out)
+        return self.unpatchify(x)                # (N, C_out, H, W)
+
+    def forward_with_cfg(self, x, t, y, cfg_scale):
+        """Classifier-free guidance in one batched pass.
+
+        The batch is [conditional half; null-label half] with the same x in both halves. The
+        guided noise is eps_uncond + s * (eps_cond - eps_uncond) on the in_channels noise
+        channels; the remaining (variance) channels pass through from the model.
+        """
+        half = x[: len(x) // 2]
+        out = self.forward(torch.cat([half, half]), t, y)            # (N, C_out, H, W)
+        eps, rest = out[:, : self.in_channels], out[:, self.in_channels:]
+        cond_eps, uncond_eps = eps.chunk(2, dim=0)
+        guided = uncond_eps + cfg_scale * (cond_eps - uncond_eps)    # (N/2, C, H, W)
+        return torch.cat([torch.cat([guided, guided]), rest], dim=1)  # (N, C_out, H, W)
+
+
+# -----------------------------------------------------------------------------
+# 2-D sine-cosine positional embedding (as in MAE), in torch
+# -----------------------------------------------------------------------------
+
+def sincos_pos_embed_1d(dim, pos):
+    """(M,) positions -> (M, dim): sin of dim/2 geometric frequencies, then cos."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))  # (dim/2,)
+    out = pos.double()[:, None] * omega[None]                                         # (M, dim/2)
+    return torch.cat([torch.sin(out), torch.cos(out)], dim=1)                         # (M, dim)
+
+
+def sincos_pos_embed_2d(dim, grid_size):
+    """(grid_size**2, dim): half the channels encode the column, half the row (row-major tokens)."""
+    coords = torch.arange(grid_size, dtype=torch.float64)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")    # (G, G) each
+    emb = torch.cat([sincos_pos_embed_1d(dim // 2, cols.flatten()),
+                     sincos_pos_embed_1d(dim // 2, rows.flatten())], dim=1)  # (G*G, dim)
+    return emb.float()
+
+
+# -----------------------------------------------------------------------------
+# Presets: the paper's twelve, plus small ones of ours for 32x32 images on a CPU
+# -----------------------------------------------------------------------------
+
+def _preset(depth, hidden_size, num_heads, patch_size):
+    def make(**kwargs):
+        return DiT(depth=depth, hidden_size=hidden_size, num_heads=num_heads,
+                   patch_size=patch_size, **kwargs)
+    return make
+
+
+DiT_models = {}
+for _name, (_depth, _hidden, _heads) in {
+        "XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6),
+        # Ours: "Ti" (tiny) trains on a laptop CPU in minutes; "Mi" (micro) is for tests.
+        "Ti": (6, 256, 4), "Mi": (2, 64, 2)}.items():
+    for _patch in (2, 4, 8):
+        DiT_models[f"DiT-{_name}/{_patch}"] = _preset(_depth, _hidden, _heads, _patch)
+del _name, _depth, _hidden, _heads, _patch
+
+
+# -----------------------------------------------------------------------------
+# Gaussian diffusion: the forward process, the training loss, and two samplers
+# -----------------------------------------------------------------------------
+
+def make_betas(schedule, num_timesteps):
+    """beta_t for t = 0 .. T-1: DDPM's linear 1e-4..0.02 (scaled for T != 1000), or the cosine
+    schedule of Nichol & Dhariwal (2021), which destroys small images less abruptly."""
+    if schedule == "linear":
+        scale = 1000 / num_timesteps
+        return torch.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=torch.float64)
+    if schedule == "cosine":
+        s = 0.008
+        steps = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
+        alpha_bar = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+        return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
+    raise ValueError(f"unknown noise schedule {schedule!r}; choose 'linear' or 'cosine'")
+
+
+def mean_flat(x):
+    return x.mean(dim=tuple(range(1, x.ndim)))
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def approx_standard_normal_cdf(x):
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def discretized_gaussian_log_likelihood(x, mean, log_scale):
+    """log p(x) of 8-bit data in [-1, 1] under a Gaussian integrated over each pixel's bin
+    (Ho et al. 2020, Sec. 3.3): the decoder term L_0 of the variational bound."""
+    centered = x - mean
+    inv_std = torch.exp(-log_scale)
+    cdf_plus = approx_standard_normal_cdf(inv_std * (centered + 1 / 255))
+    cdf_minus = approx_standard_normal_cdf(inv_std * (centered - 1 / 255))
+    log_cdf_plus = cdf_plus.clamp(min=1e-12).log()
+    log_one_minus_cdf_minus = (1 - cdf_minus).clamp(min=1e-12).log()
+    log_probs = (cdf_plus - cdf_minus).clamp(min=1e-12).log()
+    return torch.where(x < -0.999, log_cdf_plus,
+                       torch.where(x > 0.999, log_one_minus_cdf_minus, log_probs))
+
+
+class GaussianDiffusion:
+    """The DDPM forward process q(x_t | x_0) and what is needed to learn and run its reverse.
+
+    Notation as in the papers: alpha_t = 1 - beta_t, abar_t = prod_{s<=t} alpha_s.
+    prediction: what the network's first in_channels outputs mean: "eps" (the noise; DDPM and
+        DiT) or "v" = sqrt(abar) eps - sqrt(1 - abar) x_0 (Salimans & Ho 2022).
+    learn_sigma: the remaining in_channels outputs interpolate the reverse variance between beta_t
+        and the posterior variance (Improved DDPM), trained by the variational bound.
+    loss_weighting: "uniform" (the paper) or "min_snr" (Hang et al. 2023: weights each timestep by
+        min(SNR, gamma) relative to its plain loss, so easy low-noise steps stop dominating).
+    """
+
+    def __init__(self, num_timesteps=1000, schedule="linear", prediction="eps",
+                 learn_sigma=True, loss_weighting="uniform", min_snr_gamma=5.0):
+        if prediction not in ("eps", "v"):
+            raise ValueError(f"unknown prediction target {prediction!r}; choose 'eps' or 'v'")
+        if loss_weighting not in ("uniform", "min_snr"):
+            raise ValueError(f"unknown loss weighting {loss_weighting!r}; choose 'uniform' or 'min_snr'")
+        self.num_timesteps = num_timesteps
+        self.prediction = prediction
+        self.learn_sigma = learn_sigma
+        self.loss_weighting = loss_weighting
+        self.min_snr_gamma = min_snr_gamma
+        # Kept in float64: 1 - abar_t is ~1e-4 at t = 0 and its square root must stay accurate.
+        self.betas = make_betas(schedule, num_timesteps)                  # (T,)
+        self.alphas_cumprod = torch.cumprod(1 - self.betas, dim=0)        # (T,) abar_t
+        self.alphas_cumprod_prev = F.pad(self.alphas_cumprod[:-1], (1, 0), value=1.0)  # abar_{t-1}
+        # q(x_{t-1} | x_t, x_0) has variance beta~_t = beta_t (1 - abar_{t-1}) / (1 - abar_t).
+        self.posterior_variance = self.betas * (1 - self.alphas_cumprod_prev) / (1 - self.alphas_cumprod)
+        # beta~_0 = 0, so its log is clipped to beta~_1 (only its use in the variance interpolation matters).
+        self.posterior_log_variance_clipped = torch.log(
+            torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]]))
+
+    @staticmethod
+    def _at(schedule, t, ndim=4):
+        """schedule[t] for a batch of timesteps, as float32 shaped to broadcast over images."""
+        return schedule.to(t.device)[t].float().view(-1, *([1] * (ndim - 1)))
+
+    # --- the forward process -------------------------------------------------
+
+    def q_sample(self, x0, t, noise):
+        """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps  (Ho et al. 2020, Eq. 4)."""
+        abar = self._at(self.alphas_cumprod, t, x0.ndim)
+        return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+
+    def q_posterior(self, x0, x_t, abar_t, abar_prev):
+        """Mean and variance of q(x_prev | x_t, x_0) between any two steps of the chain (Eq. 7).
+        With abar_prev = abar_{t-1} this is DDPM's posterior; with a coarser pair it is the
+        posterior of the respaced chain (Nichol & Dhariwal 2021, Sec. 4)."""
+        beta = 1 - abar_t / abar_prev
+        mean = (abar_prev.sqrt() * beta / (1 - abar_t)) * x0 \
+            + ((1 - beta).sqrt() * (1 - abar_prev) / (1 - abar_t)) * x_t
+        variance = beta * (1 - abar_prev) / (1 - abar_t)
+        return mean, variance
+
+    # --- reading the network's output ----------------------------------------
+
+    def split_output(self, out):
+        """(N, C_out, H, W) -> the prediction (N, C, H, W) and variance channels (or None)."""
+        if self.learn_sigma:
+            return out.chunk(2, dim=1)
+        return out, None
+
+    def predict_x0_eps(self, pred, x_t, abar):
+        """Turn the network's prediction into both x_0 and eps (they determine each other given x_t)."""
+        if self.prediction == "eps":
+            eps = pred
+            x0 = (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()
+        else:
+            x0 = abar.sqrt() * x_t - (1 - abar).sqrt() * pred
+            eps = (1 - abar).sqrt() * x_t + abar.sqrt() * pred
+        return x0, eps
+
+    def model_log_variance(self, var_out, beta, posterior_var):
+        """Improved DDPM Eq. 15: log sigma^2 = v log beta + (1 - v) log beta~, with v in [0, 1]."""
+        frac = (var_out + 1) / 2
+        return frac * beta.log() + (1 - frac) * posterior_var.log()
+
+    # --- training --------------------------------------------------------------
+
+    def training_losses(self, model, x0, t, y, noise=None):
+        """Per-sample losses for a batch: {'loss', 'mse', 'vb'} each of shape (N,)."""
+        noise = torch.randn_like(x0) if noise is None else noise
+        x_t = self.q_sample(x0, t, noise)                       # (N, C, H, W)
+        pred, var_out = self.split_output(model(x_t, t, y))     # (N, C, H, W) each
+        abar = self._at(self.alphas_cumprod, t)
+        if self.prediction == "eps":
+            target = noise
+        else:
+            target = abar.sqrt() * noise - (1 - abar).sqrt() * x0
+        mse = mean_flat((target - pred.float()) ** 2)           # (N,)
+        weight = torch.ones_like(mse)
+        if self.loss_weighting == "min_snr":
+            snr = (abar / (1 - abar)).flatten()
+            # MSE on eps equals SNR * MSE on x_0, MSE on v equals (SNR + 1) * it; both are then
+            # reweighted to min(SNR, gamma) * MSE on x_0.
+            weight = snr.clamp(max=self.min_snr_gamma) / (snr if self.prediction == "eps" else snr + 1)
+        losses = {"mse": mse, "loss": weight * mse}
+        if self.learn_sigma:
+            # The variational-bound term trains only the variance: the mean is detached, so
+            # the simple MSE keeps full control over it (Improved DDPM, Sec. 3.1, "L_hybrid").
+            vb = self.vb_term(pred.detach().float(), var_out.float(), x0, x_t, t)
+            losses["vb"] = vb
+            losses["loss"] = losses["loss"] + vb
+        return losses
+
+    def vb_term(self, pred, var_out, x0, x_t, t):
+        """L_t (t > 0: KL between true and model posteriors) or L_0 (decoder NLL), in bits/dim."""
+        abar, abar_prev = self._at(self.alphas_cumprod, t), self._at(self.alphas_cumprod_prev, t)
+        true_mean, _ = self.q_posterior(x0, x_t, abar, abar_prev)
+        true_log_var = self._at(self.posterior_log_variance_clipped, t)
+        model_x0, _ = self.predict_x0_eps(pred, x_t, abar)
+        model_mean, _ = self.q_posterior(model_x0, x_t, abar, abar_prev)
+        model_log_var = self.model_log_variance(
+            var_out, self._at(self.betas, t), true_log_var.exp())
+        kl = mean_flat(normal_kl(true_mean, true_log_var, model_mean, model_log_var)) / math.log(2.0)
+        nll = -mean_flat(discretized_gaussian_log_likelihood(
+            x0, model_mean, 0.5 * model_log_var)) / math.log(2.0)
+        return torch.where(t == 0, nll, kl)
+
+    # --- sampling ---------------------------------------------------------------
+
+    def sample_timesteps(self, steps):
+        """`steps` timesteps evenly spread over [0, T-1], from the noisiest down to 0."""
+        if not 1 <= steps <= self.num_timesteps:
+            raise ValueError(f"steps must be in [1, {self.num_timesteps}], got {steps}")
+        return torch.linspace(self.num_timesteps - 1, 0, steps).round().long().tolist()
+
+    def denoise_steps(self, model_fn, noise, steps=None, sampler="ddim", eta=0.0,
+                      clip_denoised=True, generator=None):
+        """Run the reverse process from x_T = noise, yielding (t, x_t, x0_pred) after each step.
+
+        model_fn(x, t) returns the network's output for x at integer timesteps t (guidance, if
+        any, is inside model_fn). sampler "ddpm": ancestral sampling with the posterior variance
+        (or the learned one); "ddim": Song et al. 2021 Eq. 12, deterministic at eta = 0.
+        The last yield holds the sample. Respaced: fewer steps reuse the trained network at a
+        subset of its timesteps.
+        """
+        if sampler not in ("ddpm", "ddim"):
+            raise ValueError(f"unknown sampler {sampler!r}; choose 'ddpm' or 'ddim'")
+        timesteps = self.sample_timesteps(steps or self.num_timesteps)
+        x = noise
+        for i, t in enumerate(timesteps):
+            t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+            abar = self.alphas_cumprod[t].to(x.device, torch.float32)
+            abar_prev = (self.alphas_cumprod[timesteps[i + 1]] if i + 1 < len(timesteps)
+                         else torch.tensor(1.0, dtype=torch.float64)).to(x.device, torch.float32)
+            pred, var_out = self.split_output(model_fn(x, t_batch).float())
+            x0, eps = self.predict_x0_eps(pred, x, abar)
+            if clip_denoised:
+                x0 = x0.clamp(-1, 1)
+                eps = (x - abar.sqrt() * x0) / (1 - abar).sqrt()
+            z = torch.randn(x.shape, device=x.device, generator=generator) if i + 1 < len(timesteps) else 0
+            if sampler == "ddpm":
+                mean, variance = self.q_posterior(x0, x, abar, abar_prev)
+                if var_out is not None:
+                    beta = 1 - abar / abar_prev
+                    variance = self.model_log_variance(var_out, beta, variance.clamp(min=1e-20)).exp()
+                x = mean + variance.sqrt() * z
+            else:
+                sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).sqrt()
+                x = abar_prev.sqrt() * x0 + (1 - abar_prev - sigma ** 2).clamp(min=0).sqrt() * eps + sigma * z
+            yield t, x, x0
+
+    def sample(self, model_fn, noise, **kwargs):
+        """The final x_0 of denoise_steps(); same arguments."""
+        for _, x, _ in self.denoise_steps(model_fn, noise, **kwargs):
+            pass
+        return x
+
+
+def guided_model_fn(model, y, cfg_scale):
+    """model_fn(x, t) for the samplers: class-conditional on y (N,), with classifier-free
+    guidance when cfg_scale != 1. The sampler keeps N images; the conditional and null-label
+    halves are stacked only inside the network call, so one forward pass serves both."""
+    if cfg_scale == 1:
+        return lambda x, t: model(x, t, y)
+    if model.y_embedder.dropout_prob == 0:
+        raise ValueError("guidance needs a model trained with label dropout (class_dropout_prob > 0)")
+    y_both = torch.cat([y, torch.full_like(y, model.num_classes)])  # (2N,)
+
+    def model_fn(x, t):
+        out = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), y_both, cfg_scale)
+        return out[: len(x)]  # (N, C_out, H, W)
+    return model_fn
