@@ -15,11 +15,19 @@ if not torch.cuda.is_available():  # must happen before anything imports triton
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import math
+import warnings
 
 import pytest
 import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
 
+import dataset
 import dit
+import flash_attn_triton
+from dataset import (IMAGE_EXTENSIONS, DatasetError, ImageFolder, check_batch_size,
+                     ensure_builtin_dataset, make_shapes_dataset)
+from flash_attn_triton import flash_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -308,3 +316,692 @@ def test_tiny_model_overfits_one_batch():
         opt.step()
         first = first or loss.item()
     assert loss.item() < first / 5, (first, loss.item())
+
+# -----------------------------------------------------------------------------
+# FlashAttention kernel (flash_attn_triton.py): against a float64 reference
+# -----------------------------------------------------------------------------
+
+def _tolerance(dtype):
+    """Largest allowed error, relative to the largest reference magnitude."""
+    if dtype == torch.float32:
+        # Compiled kernels use TF32 tensor cores when PyTorch's fp32 matmul precision allows it.
+        tf32 = DEVICE == "cuda" and torch.get_float32_matmul_precision() != "highest"
+        return 5e-3 if tf32 else 1e-4
+    return {torch.float16: 1e-2, torch.bfloat16: 3e-2}[dtype]
+
+
+def _rel_err(got, ref):
+    # Floor of 0.1 on the magnitude (every nonzero reference here is above 0.5): dQ and dK
+    # are zero by construction when N = 1 (a softmax over one key is constant), and
+    # rounding noise around zero must not count as a 100% relative error.
+    return ((got.detach().double() - ref).abs().max() / ref.abs().max().clamp_min(0.1)).item()
+
+
+def _reference(q, k, v, do, scale):
+    """Output and gradients of softmax(q k^T * scale) v, computed in float64."""
+    qd, kd, vd = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    attn = (qd @ kd.transpose(-2, -1)) * scale  # (B, H, N, N)
+    o = attn.softmax(dim=-1) @ vd  # (B, H, N, D)
+    o.backward(do.double())
+    return o.detach(), qd.grad, kd.grad, vd.grad
+
+
+def _inputs(B, H, N, D, dtype, layout):
+    """Leaf tensor(s) to differentiate, and q, k, v (B, H, N, D) derived from them."""
+    if layout == "fused_qkv":
+        # As in a transformer block: one projection produces (B, N, 3, H, D); q, k, v are
+        # strided views of it, none of them contiguous.
+        qkv = torch.randn(B, N, 3, H, D, device=DEVICE, dtype=dtype, requires_grad=True)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, N, D)
+        return [qkv], (q, k, v)
+    q, k, v = (torch.randn(B, H, N, D, device=DEVICE, dtype=dtype, requires_grad=True) for _ in range(3))
+    return [q, k, v], (q, k, v)
+
+
+# Each value of N, D and dtype appears several times; the full cross product would be too
+# slow under the interpreter. N = 1 and 7 are shorter than every block, 196 (14 x 14
+# patches) and 257 (one past a power of two) leave ragged tails; D = 72 is not a power of two.
+CASES = [  # (B, H, N, D, dtype, layout)
+    (1, 2, 1, 16, torch.float32, "contiguous"),
+    (2, 2, 1, 128, torch.bfloat16, "contiguous"),
+    (2, 3, 7, 64, torch.float32, "contiguous"),
+    (1, 2, 7, 72, torch.float16, "contiguous"),
+    (2, 1, 7, 16, torch.bfloat16, "fused_qkv"),
+    (1, 2, 196, 72, torch.float32, "contiguous"),
+    (2, 1, 196, 128, torch.float16, "contiguous"),
+    (1, 2, 196, 64, torch.bfloat16, "fused_qkv"),
+    (1, 2, 257, 128, torch.float32, "fused_qkv"),
+    (2, 1, 257, 16, torch.float16, "fused_qkv"),
+    (1, 2, 257, 72, torch.bfloat16, "contiguous"),
+]
+
+
+@pytest.mark.parametrize("B,H,N,D,dtype,layout", CASES,
+                         ids=[f"B{c[0]}H{c[1]}N{c[2]}D{c[3]}-{str(c[4])[6:]}-{c[5]}" for c in CASES])
+def test_flash_attention_matches_float64_reference(B, H, N, D, dtype, layout):
+    torch.manual_seed(0)
+    leaves, (q, k, v) = _inputs(B, H, N, D, dtype, layout)
+    # A non-contiguous upstream gradient for the fused case, as a (B, N, H, D) -> (B, H, N, D)
+    # transpose in the model would produce; exercises the dO strides.
+    if layout == "fused_qkv":
+        do = torch.randn(B, N, H, D, device=DEVICE, dtype=dtype).transpose(1, 2)
+    else:
+        do = torch.randn(B, H, N, D, device=DEVICE, dtype=dtype)
+    scale = D ** -0.5
+    ref_o, ref_dq, ref_dk, ref_dv = _reference(q, k, v, do, scale)
+
+    o = flash_attention(q, k, v)
+    o.backward(do)
+    if layout == "fused_qkv":  # the gradient reached the fused leaf through the views
+        dq, dk, dv = leaves[0].grad.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, N, D)
+    else:
+        dq, dk, dv = (t.grad for t in leaves)
+
+    assert o.dtype == dtype and o.shape == (B, H, N, D)
+    tol = _tolerance(dtype)
+    for name, got, ref in (("o", o, ref_o), ("dq", dq, ref_dq), ("dk", dk, ref_dk), ("dv", dv, ref_dv)):
+        assert torch.isfinite(got).all(), name
+        err = _rel_err(got, ref)
+        assert err < tol, f"{name}: relative error {err:.2e} >= {tol:.0e}"
+
+
+def test_wrong_scale_fails_the_check():
+    # The comparison above must be able to fail: a 10% wrong softmax scale is far outside
+    # even the loosest tolerance.
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 64, 16, device=DEVICE) for _ in range(3))
+    do = torch.randn(1, 2, 64, 16, device=DEVICE)
+    ref_o = _reference(q, k, v, do, 16 ** -0.5)[0]
+    assert _rel_err(flash_attention(q, k, v), ref_o) < _tolerance(torch.float32)
+    assert _rel_err(flash_attention(q, k, v, scale=1.1 * 16 ** -0.5), ref_o) > _tolerance(torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_default_scale_dtype_and_shape(dtype):
+    torch.manual_seed(0)
+    B, H, N, D = 2, 3, 9, 40
+    q, k, v = (torch.randn(B, H, N, D, device=DEVICE, dtype=dtype) for _ in range(3))
+    o_default = flash_attention(q, k, v)
+    o_explicit = flash_attention(q, k, v, scale=D ** -0.5)
+    assert o_default.dtype == dtype and o_default.shape == (B, H, N, D)
+    assert o_default.device == q.device
+    assert torch.equal(o_default, o_explicit)
+    assert not torch.allclose(o_default, flash_attention(q, k, v, scale=1.0))
+    # Same meaning as PyTorch's SDPA (evaluated in fp32 so it runs on any device).
+    sdpa = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    assert _rel_err(o_default, sdpa.double()) < _tolerance(dtype)
+
+
+def test_logsumexp_is_stored_in_base_2():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 7, 16, device=DEVICE) for _ in range(3))
+    scale = 0.3
+    _, lse = flash_attn_triton._flash_attn_forward(q, k, v, scale)
+    assert lse.dtype == torch.float32 and lse.shape == (2, 2, 7)
+    ref = torch.logsumexp(scale * (q.double() @ k.double().transpose(-2, -1)), dim=-1)  # (B, H, N)
+    torch.testing.assert_close(lse.double() * torch.log(torch.tensor(2.0, dtype=torch.float64)), ref,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_large_logits_stay_finite():
+    # Scores around +-1e3: exp() would overflow without the running-max subtraction.
+    torch.manual_seed(0)
+    q = (30 * torch.randn(1, 2, 50, 32, device=DEVICE)).requires_grad_(True)
+    k, v = (torch.randn(1, 2, 50, 32, device=DEVICE, requires_grad=True) for _ in range(2))
+    do = torch.randn(1, 2, 50, 32, device=DEVICE)
+    ref = _reference(q, k, v, do, 32 ** -0.5)
+    o = flash_attention(q, k, v)
+    got = (o, *torch.autograd.grad(o, (q, k, v), do))
+    for g, r in zip(got, ref):
+        assert torch.isfinite(g).all()
+        assert _rel_err(g, r) < 10 * _tolerance(torch.float32)
+
+
+def test_backward_is_deterministic():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 40, 24, device=DEVICE, dtype=torch.float16, requires_grad=True)
+               for _ in range(3))
+    do = torch.randn(2, 2, 40, 24, device=DEVICE, dtype=torch.float16)
+    first = torch.autograd.grad(flash_attention(q, k, v), (q, k, v), do)
+    second = torch.autograd.grad(flash_attention(q, k, v), (q, k, v), do)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_rejects_invalid_inputs():
+    q = torch.randn(1, 2, 8, 16, device=DEVICE)
+    with pytest.raises(ValueError):
+        flash_attention(q, q[:, :, :4], q)  # k shorter than q
+    with pytest.raises(ValueError):
+        flash_attention(q[0], q[0], q[0])  # not 4-D
+    with pytest.raises(TypeError):
+        flash_attention(q, q.half(), q)  # mixed dtypes
+    with pytest.raises(TypeError):
+        flash_attention(q.double(), q.double(), q.double())
+    with pytest.raises(ValueError):
+        big = torch.randn(1, 1, 4, 256, device=DEVICE)
+        flash_attention(big, big, big)  # head dim above the supported maximum
+
+# -----------------------------------------------------------------------------
+# Data (dataset.py): class folders, bad input, the built-in shapes set
+# -----------------------------------------------------------------------------
+
+RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+
+
+def solid(path, size, colour):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+
+
+def stripes(path, size, colours, vertical=True):
+    """Equal bands of colour, left to right (or top to bottom if not vertical)."""
+    w, h = size
+    image = Image.new("RGB", size)
+    n = len(colours)
+    for k, colour in enumerate(colours):
+        box = (k * w // n, 0, (k + 1) * w // n, h) if vertical else (0, k * h // n, w, (k + 1) * h // n)
+        image.paste(colour, box)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+
+
+def rgb(x):
+    """Mean colour of an image tensor in [-1, 1], as 0..255 per channel."""
+    return ((x.mean(dim=(1, 2)) + 1) * 127.5).tolist()
+
+
+def test_image_extensions():
+    assert IMAGE_EXTENSIONS == (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def test_loads_classes_labels_shapes_and_range(tmp_path):
+    # Folders made out of sorted order; mixed sizes, formats and extension case.
+    solid(tmp_path / "zebra" / "b.png", (20, 12), BLUE)
+    solid(tmp_path / "zebra" / "a.JPG", (9, 30), (128, 128, 128))
+    solid(tmp_path / "apple" / "x.png", (8, 8), RED)
+    solid(tmp_path / "mango" / "m.jpeg", (40, 40), GREEN)
+    solid(tmp_path / "mango" / "n.bmp", (5, 7), (255, 255, 255))
+    # Ignored: hidden files and folders, non-image files, nested folders.
+    solid(tmp_path / "apple" / ".hidden.png", (8, 8), BLUE)
+    solid(tmp_path / ".cache" / "c.png", (8, 8), BLUE)
+    solid(tmp_path / "apple" / "nested" / "n.png", (8, 8), BLUE)
+    (tmp_path / "apple" / "notes.txt").write_text("not an image")
+
+    data = ImageFolder(tmp_path, image_size=6)
+    assert data.classes == ["apple", "mango", "zebra"]
+    assert len(data) == 5
+    # Files are sorted within a class ("a.JPG" < "b.png").
+    assert [data[i][1] for i in range(5)] == [0, 1, 1, 2, 2]
+    for i in range(5):
+        x, y = data[i]
+        assert isinstance(y, int)
+        assert x.shape == (3, 6, 6) and x.dtype == torch.float32
+        assert x.min() >= -1 and x.max() <= 1
+    # Exact scaling: red -> (1, -1, -1), white -> all ones.
+    assert torch.allclose(data[0][0], torch.tensor([1.0, -1.0, -1.0]).view(3, 1, 1).expand(3, 6, 6))
+    assert torch.equal(data[2][0], torch.ones(3, 6, 6))
+    assert rgb(data[4][0]) == pytest.approx([0, 0, 255], abs=1)
+
+
+def test_non_square_images_are_centre_cropped(tmp_path):
+    # Squashing instead of cropping would keep all three bands; a crop keeps green.
+    stripes(tmp_path / "a" / "wide.png", (48, 16), [RED, GREEN, BLUE])
+    stripes(tmp_path / "a" / "tall.png", (16, 48), [RED, GREEN, BLUE], vertical=False)
+    data = ImageFolder(tmp_path, image_size=8)
+    for i in range(2):
+        x = data[i][0]
+        assert x.shape == (3, 8, 8)
+        # The filter may blend a little of the cut-off bands into the border.
+        assert rgb(x) == pytest.approx([0, 255, 0], abs=8)
+        assert rgb(x[:, 2:6, 2:6]) == pytest.approx([0, 255, 0], abs=1)
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(DatasetError, match="does not exist"):
+        ImageFolder(tmp_path / "nope", image_size=8)
+
+
+def test_path_is_a_file(tmp_path):
+    solid(tmp_path / "x.png", (8, 8), RED)
+    with pytest.raises(DatasetError, match="not a folder"):
+        ImageFolder(tmp_path / "x.png", image_size=8)
+
+
+def test_no_class_folders(tmp_path):
+    solid(tmp_path / "loose.png", (8, 8), RED)  # images but no sub-folders
+    with pytest.raises(DatasetError, match="no class sub-folders"):
+        ImageFolder(tmp_path, image_size=8)
+
+
+def test_empty_class_is_named(tmp_path):
+    solid(tmp_path / "full" / "a.png", (8, 8), RED)
+    (tmp_path / "hollow").mkdir()
+    (tmp_path / "hollow" / "readme.txt").write_text("no images here")
+    with pytest.raises(DatasetError, match="hollow.*no readable images"):
+        ImageFolder(tmp_path, image_size=8)
+
+
+def test_check_batch_size(tmp_path):
+    for i in range(3):
+        solid(tmp_path / "a" / f"{i}.png", (8, 8), RED)
+    data = ImageFolder(tmp_path, image_size=8)
+    check_batch_size(data, 3)  # exactly one batch is fine
+    with pytest.raises(DatasetError, match="only 3 images but the batch size is 4"):
+        check_batch_size(data, 4)
+
+
+def test_corrupt_file_is_skipped_with_one_warning(tmp_path):
+    solid(tmp_path / "a" / "good.png", (8, 8), RED)
+    (tmp_path / "a" / "bad.png").write_bytes(b"definitely not a png" * 10)
+    solid(tmp_path / "b" / "fine.png", (8, 8), BLUE)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data = ImageFolder(tmp_path, image_size=8)
+    assert len(caught) == 1 and "bad.png" in str(caught[0].message)
+    assert len(data) == 2 and [data[i][1] for i in range(2)] == [0, 1]
+    assert rgb(data[1][0]) == pytest.approx([0, 0, 255], abs=1)  # no slot left behind
+
+
+def test_class_with_only_corrupt_files_is_empty(tmp_path):
+    solid(tmp_path / "a" / "good.png", (8, 8), RED)
+    (tmp_path / "broken" / "bad.jpg").parent.mkdir()
+    (tmp_path / "broken" / "bad.jpg").write_bytes(b"\xff\xd8garbage")
+    with pytest.warns(UserWarning, match="bad.jpg"):
+        with pytest.raises(DatasetError, match="broken"):
+            ImageFolder(tmp_path, image_size=8)
+
+
+def test_hflip_is_seeded_and_flips(tmp_path):
+    stripes(tmp_path / "a" / "lr.png", (8, 8), [RED, BLUE])
+    plain = ImageFolder(tmp_path, image_size=8)[0][0]
+    data = ImageFolder(tmp_path, image_size=8, hflip=True)
+
+    def draws():
+        torch.manual_seed(123)
+        return [data[0][0] for _ in range(32)]
+
+    first, second = draws(), draws()
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    flipped = [torch.equal(x, plain.flip(-1)) for x in first]
+    assert all(f or torch.equal(x, plain) for f, x in zip(flipped, first))
+    assert 4 <= sum(flipped) <= 28  # roughly half, never all or none
+    no_flip = ImageFolder(tmp_path, image_size=8, hflip=False)
+    assert all(torch.equal(no_flip[0][0], plain) for _ in range(16))
+
+
+def test_lazy_decoding_matches_cache(tmp_path, monkeypatch):
+    solid(tmp_path / "a" / "1.png", (10, 6), RED)
+    stripes(tmp_path / "b" / "2.png", (30, 10), [RED, GREEN, BLUE])
+    cached = ImageFolder(tmp_path, image_size=8)
+    monkeypatch.setattr(dataset, "CACHE_LIMIT_BYTES", 0)
+    lazy = ImageFolder(tmp_path, image_size=8)
+    assert cached.cache is not None and lazy.cache is None
+    for i in range(2):
+        assert torch.equal(cached[i][0], lazy[i][0]) and cached[i][1] == lazy[i][1]
+
+
+def files_of(root):
+    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*.png"))}
+
+
+def test_make_shapes_dataset_is_deterministic(tmp_path):
+    a = make_shapes_dataset(tmp_path / "a", images_per_class=4, image_size=16, seed=7)
+    b = make_shapes_dataset(tmp_path / "b", images_per_class=4, image_size=16, seed=7)
+    c = make_shapes_dataset(tmp_path / "c", images_per_class=4, image_size=16, seed=8)
+    assert files_of(a) == files_of(b)
+    assert files_of(a).keys() == files_of(c).keys() and files_of(a) != files_of(c)
+    data = ImageFolder(a, image_size=16)
+    assert data.classes == sorted(dataset.SHAPES) and len(data.classes) == 8
+    assert [data.labels.count(k) for k in range(8)] == [4] * 8
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c"]  # no temp left
+
+
+def test_shapes_images_vary(tmp_path):
+    root = make_shapes_dataset(tmp_path / "s", images_per_class=4, image_size=16)
+    data = ImageFolder(root, image_size=16)
+    images = torch.stack([data[i][0] for i in range(len(data))])
+    assert len({tuple(x.flatten().tolist()) for x in images}) == len(data)
+    # Every image has a clearly visible shape: two distinct colours, not flat.
+    assert all(x.std() > 0.05 for x in images)
+
+
+def test_make_shapes_refuses_to_overwrite_other_data(tmp_path):
+    solid(tmp_path / "mine" / "holiday" / "1.png", (8, 8), RED)
+    with pytest.raises(DatasetError, match="refusing"):
+        make_shapes_dataset(tmp_path / "mine", images_per_class=1, image_size=8)
+    assert (tmp_path / "mine" / "holiday" / "1.png").exists()
+
+
+def test_ensure_builtin_dataset_regenerates_only_when_incomplete(tmp_path, monkeypatch):
+    calls = []
+    real = dataset.make_shapes_dataset
+    monkeypatch.setattr(dataset, "make_shapes_dataset", lambda *a: calls.append(a) or real(*a))
+    root = tmp_path / "shapes"
+    small = dict(images_per_class=2, image_size=8)
+
+    # A run killed midway leaves only the hidden temp folder: not mistaken for data.
+    (tmp_path / ".shapes.partial" / "circle").mkdir(parents=True)
+    assert ensure_builtin_dataset(root, **small) == root
+    assert len(calls) == 1 and not (tmp_path / ".shapes.partial").exists()
+    assert len(ImageFolder(root, image_size=8)) == 16
+
+    stamp = (root / "circle" / "0000.png").stat().st_mtime_ns
+    ensure_builtin_dataset(root, **small)  # complete: left alone
+    assert len(calls) == 1
+    assert (root / "circle" / "0000.png").stat().st_mtime_ns == stamp
+
+    (root / dataset.MARKER).unlink()  # incomplete (no marker): regenerated
+    (root / "star" / "0001.png").unlink()
+    ensure_builtin_dataset(root, **small)
+    assert len(calls) == 2 and (root / dataset.MARKER).exists()
+    assert (root / "star" / "0001.png").exists()
+
+    ensure_builtin_dataset(root, images_per_class=3, image_size=8)  # other settings
+    assert len(calls) == 3 and len(ImageFolder(root, image_size=8)) == 24
+
+
+class Killed(Exception):
+    """Stands in for the process being killed midway."""
+
+
+def test_interrupted_generation_never_looks_complete(tmp_path, monkeypatch):
+    real, budget = dataset.draw_shape, {"images": 5}
+
+    def dies_midway(*args):
+        if budget["images"] == 0:
+            raise Killed
+        budget["images"] -= 1
+        return real(*args)
+
+    root, small = tmp_path / "shapes", dict(images_per_class=2, image_size=8)
+    monkeypatch.setattr(dataset, "draw_shape", dies_midway)
+    with pytest.raises(Killed):
+        ensure_builtin_dataset(root, **small)
+    assert not root.exists()  # nothing half-written under the real name
+
+    budget["images"] = 8
+    ensure_builtin_dataset(root, images_per_class=1, image_size=8)  # a complete set...
+    budget["images"] = 5
+    with pytest.raises(Killed):  # ...survives a killed regeneration
+        ensure_builtin_dataset(root, **small)
+    assert (root / dataset.MARKER).exists() and len(ImageFolder(root, image_size=8)) == 8
+
+    budget["images"] = 16  # and the next full run completes and replaces it
+    ensure_builtin_dataset(root, **small)
+    assert len(ImageFolder(root, image_size=8)) == 16
+
+
+def test_main_prints_classes_and_counts(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(dataset, "ensure_builtin_dataset",
+                        lambda out: make_shapes_dataset(out, images_per_class=3))
+    monkeypatch.setattr(sys, "argv", ["dataset.py", "--out", str(tmp_path / "s")])
+    dataset.main()
+    out = capsys.readouterr().out
+    assert "24 images" in out
+    for name in dataset.SHAPES:
+        assert f"{name:<10} 3 images" in out
+
+
+# -----------------------------------------------------------------------------
+# Configuration (config.py): one typed parser for train.py and sample.py
+# -----------------------------------------------------------------------------
+
+import json  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import config  # noqa: E402
+import sample  # noqa: E402
+import train  # noqa: E402
+from config import ConfigError, SampleConfig, TrainConfig, TRAIN_PRESETS, parse_args  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent
+
+
+def test_config_parses_types_dashes_and_flags():
+    cfg = parse_args(TrainConfig, ["--batch-size", "32", "--lr=3e-4", "--compile", "--no-hflip",
+                                   "--grad-checkpointing=false", "--steps=2e3", "--attn", "math"], TRAIN_PRESETS)
+    assert (cfg.batch_size, cfg.lr, cfg.compile, cfg.hflip, cfg.grad_checkpointing, cfg.steps, cfg.attn) == (
+        32, 3e-4, True, False, False, 2000, "math")
+    assert isinstance(cfg.batch_size, int) and isinstance(cfg.lr, float)
+    cfg = parse_args(SampleConfig, ["--label", "3", "star", "--num", "2"])
+    assert cfg.label == ["3", "star"] and cfg.num == 2
+
+
+def test_config_presets_apply_before_overrides():
+    cfg = parse_args(TrainConfig, ["--lr", "1e-2", "--preset", "gpu"], TRAIN_PRESETS)
+    assert cfg.model == TRAIN_PRESETS["gpu"]["model"] and cfg.lr == 1e-2
+    assert parse_args(TrainConfig, [], TRAIN_PRESETS) == TrainConfig()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--bach-size", "3"], "unknown option --bach-size; valid options: --preset"),
+    (["--batch-size", "3.5"], "--batch-size: expected int, got '3.5'"),
+    (["--lr", "fast"], "--lr: expected float, got 'fast'"),
+    (["--attn", "flash"], "--attn: 'flash' is not one of auto, triton, sdpa, math"),
+    (["--steps"], "--steps needs a value (int)"),
+    (["--no-lr"], "--no-lr only works for on/off options"),
+    (["--compile=maybe"], "--compile: expected bool"),
+    (["steps=3"], "unexpected argument 'steps=3'"),
+])
+def test_config_errors_name_the_problem(argv, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse_args(TrainConfig, argv, TRAIN_PRESETS)
+
+
+def test_every_preset_names_real_fields():
+    fields = set(TrainConfig.__dataclass_fields__)
+    for preset in TRAIN_PRESETS.values():
+        assert set(preset) <= fields
+        assert preset.get("model", TrainConfig.model) in dit.DiT_models
+
+
+# -----------------------------------------------------------------------------
+# Training (train.py): loss, checkpoints, exact resume, DDP, benchmark
+# -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data") / "shapes"
+    make_shapes_dataset(root, images_per_class=6, image_size=16, seed=0)
+    return root
+
+
+def tiny_args(data, out, steps, *extra):
+    return ["--data", str(data), "--out", str(out), "--model", "DiT-Mi/4", "--image-size", "16",
+            "--batch-size", "8", "--steps", str(steps), "--log-every", "2", "--ckpt-every", "2",
+            "--sample-every", "0", "--sample-steps", "2", "--warmup-steps", "2", "--device", "cpu", *extra]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    summary = train.main(tiny_args(tiny_data, out, 40, "--lr", "3e-3", "--log-every", "10"))
+    return out, summary
+
+
+def test_training_lowers_the_loss_and_writes_its_run(tiny_run):
+    out, summary = tiny_run
+    rows = (out / "metrics.csv").read_text().splitlines()[1:]
+    losses = [float(r.split(",")[1]) for r in rows]
+    assert len(losses) == 4 and losses[-1] < 0.75 * losses[0], losses
+    assert summary["steps"] == 40 and json.loads((out / "summary.json").read_text()) == summary
+    assert [p.name for p in train.checkpoint_files(out)] == ["step_0000040.pt", "step_0000038.pt"]
+    assert list(out.glob("events.out.tfevents.*")) and (out / "samples" / "step_0000040.png").exists()
+    state = train.load_checkpoint(out)
+    assert state["classes"] == dataset.ImageFolder(state["config"]["data"], 16).classes
+    assert set(state) >= {"model", "ema", "opt", "step", "rng", "config", "model_args", "data_batches"}
+
+
+def final_weights(out):
+    return train.load_checkpoint(out)["model"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tiny_data, tmp_path):
+    extra = ("--lr-schedule", "constant", "--hflip")
+    train.main(tiny_args(tiny_data, tmp_path / "full", 10, *extra))
+    train.main(tiny_args(tiny_data, tmp_path / "split", 4, *extra))   # stops at step 4 ...
+    train.main(tiny_args(tiny_data, tmp_path / "split", 10, *extra))  # ... and resumes there
+    assert_same_weights(final_weights(tmp_path / "split"), final_weights(tmp_path / "full"))
+    ema_a, ema_b = (train.load_checkpoint(tmp_path / r)["ema"] for r in ("split", "full"))
+    assert_same_weights(ema_a, ema_b)
+    steps = [int(r.split(",")[0]) for r in (tmp_path / "split" / "metrics.csv").read_text().splitlines()[1:]]
+    assert steps == [2, 4, 6, 8, 10]
+
+
+def start_training(args):
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_checkpoint(proc, out, timeout=120):
+    deadline = time.time() + timeout
+    while not train.checkpoint_files(out):
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.01)
+
+
+def test_sigkill_then_restart_reaches_the_same_weights(tiny_data, tmp_path):
+    extra = ("--lr-schedule", "constant")  # with a constant lr, --steps only says where to stop
+    train.main(tiny_args(tiny_data, tmp_path / "full", 30, *extra))
+    proc = start_training(tiny_args(tiny_data, tmp_path / "killed", 100_000, *extra))
+    wait_for_checkpoint(proc, tmp_path / "killed")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    train.main(tiny_args(tiny_data, tmp_path / "killed", 30, *extra))
+    assert_same_weights(final_weights(tmp_path / "killed"), final_weights(tmp_path / "full"))
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_data, tmp_path):
+    proc = start_training(tiny_args(tiny_data, tmp_path, 100_000, "--ckpt-every", "1000"))
+    deadline = time.time() + 120
+    while not (tmp_path / "metrics.csv").exists() or len((tmp_path / "metrics.csv").read_text().splitlines()) < 2:
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, output
+    assert "checkpoint saved" in output
+    state = train.load_checkpoint(tmp_path)
+    assert state["step"] >= 2 and json.loads((tmp_path / "summary.json").read_text())["interrupted"]
+
+
+def test_truncated_newest_checkpoint_falls_back_with_a_warning(tiny_run, tmp_path):
+    import shutil
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run[0], out)
+    newest, previous = train.checkpoint_files(out)
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    with pytest.warns(UserWarning, match="unreadable.*falling back"):
+        state = train.load_checkpoint(out)
+    assert state["step"] == int(previous.stem.split("_")[1])
+    with pytest.raises(train.CheckpointError, match="unreadable"):
+        train.load_checkpoint(newest)
+
+
+def test_resuming_with_another_model_is_a_clear_error(tiny_run, tiny_data):
+    with pytest.raises(SystemExit, match="trained with --model DiT-Mi/4, but this run asks for DiT-Mi/2"):
+        train.main(tiny_args(tiny_data, tiny_run[0], 50, "--model", "DiT-Mi/2"))
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda p: p / "nowhere", "does not exist"),
+    (lambda p: p, "no class"),
+])
+def test_bad_data_is_a_clear_error(tmp_path, make, message):
+    with pytest.raises(SystemExit, match=message):
+        train.main(tiny_args(make(tmp_path), tmp_path / "run", 2))
+
+
+def test_batch_larger_than_data_is_a_clear_error(tiny_data, tmp_path):
+    with pytest.raises(SystemExit, match="batch size"):
+        train.main(tiny_args(tiny_data, tmp_path / "run", 2, "--batch-size", "64"))
+
+
+def test_two_process_gloo_run_with_torchrun(tiny_data, tmp_path):
+    out = tmp_path / "ddp"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+         str(ROOT / "train.py"), *tiny_args(tiny_data, out, 4)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [p.name for p in train.checkpoint_files(out)] == ["step_0000004.pt", "step_0000002.pt"]
+    assert len(list(out.glob("events.out.tfevents.*"))) == 1  # only rank 0 writes
+    assert json.loads((out / "summary.json").read_text())["steps"] == 4
+
+
+def test_benchmark_prints_one_line_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "bench"
+    result = train.main(["--benchmark", "--model", "DiT-Mi/4", "--image-size", "16", "--batch-size", "4",
+                         "--out", str(out), "--device", "cpu"])
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("benchmark | DiT-Mi/4 16px | batch 4") and "img/s" in line and "ms/step" in line
+    assert result["img_per_s"] > 0 and result["tflops"] > 0
+    assert not out.exists()
+
+
+# -----------------------------------------------------------------------------
+# Sampling (sample.py)
+# -----------------------------------------------------------------------------
+
+def run_sample(run, out, *extra):
+    return sample.main(["--ckpt", str(run), "--out", str(out), "--steps", "4", "--num", "2", *extra])
+
+
+def test_sample_writes_grid_and_one_file_per_sample(tiny_run, tmp_path, capsys):
+    images = run_sample(tiny_run[0], tmp_path, "--label", "0", "star", "--show-steps")
+    assert images.shape == (4, 3, 16, 16)
+    printed = capsys.readouterr().out
+    files = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert files == ["circle_000.png", "circle_001.png", "grid.png", "star_000.png", "star_001.png", "steps.png"]
+    assert all(str(tmp_path / f) in printed for f in files)
+    assert Image.open(tmp_path / "grid.png").size == (2 * 17 + 1, 2 * 17 + 1)   # 2 per row, 2 rows
+    assert Image.open(tmp_path / "star_000.png").size == (16, 16)
+    # one row per label; min(10, steps) snapshots of x_t, the last one the sample itself
+    assert Image.open(tmp_path / "steps.png").size == (4 * 17 + 1, 2 * 17 + 1)
+
+
+def test_same_seed_same_images_other_label_other_images(tiny_run, tmp_path):
+    a = run_sample(tiny_run[0], tmp_path / "a", "--label", "2", "--seed", "7")
+    b = run_sample(tiny_run[0], tmp_path / "b", "--label", "2", "--seed", "7")
+    c = run_sample(tiny_run[0], tmp_path / "c", "--label", "5", "--seed", "7")
+    assert torch.equal(a, b)
+    assert (a - c).abs().max() > 1e-3
+
+
+def test_cfg_scale_one_is_the_conditional_model(tiny_run):
+    model, diffusion, _ = sample.load_model(tiny_run[0], torch.device("cpu"))
+    cfg = SampleConfig(num=2, steps=4, cfg_scale=1.0, seed=3)
+    ours, _ = sample.generate(model, diffusion, [1], cfg, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(3)
+    y = torch.tensor([1, 1])
+    noise = torch.randn(2, 3, 16, 16, generator=gen)
+    ref = diffusion.sample(lambda x, t: model(x, t, y), noise, steps=4, generator=gen)
+    torch.testing.assert_close(ours, (ref.clamp(-1, 1) + 1) / 2)
+    guided, _ = sample.generate(model, diffusion, [1], SampleConfig(num=2, steps=4, cfg_scale=4.0, seed=3),
+                                torch.device("cpu"))
+    assert (guided - ours).abs().max() > 1e-4
+
+
+def test_sample_errors_are_clear(tiny_run, tmp_path):
+    with pytest.raises(SystemExit, match=r"unknown label 'dragon'; valid labels: 0 \(circle\), 1 \(cross\)"):
+        run_sample(tiny_run[0], tmp_path, "--label", "dragon")
+    with pytest.raises(SystemExit, match="run `python train.py` first"):
+        run_sample(tmp_path / "no_run", tmp_path)
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="unreadable"):
+        run_sample(broken, tmp_path)

@@ -346,7 +346,10 @@ def train(cfg):
     sampler = ResumableBatchSampler(len(dataset), local_batch, cfg.seed, rank, world, start_batch=step)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.workers,
                                          pin_memory=device.type == "cuda",
-                                         persistent_workers=cfg.workers > 0)
+                                         persistent_workers=cfg.workers > 0,
+                                         # its own generator: creating the iterator must not draw
+                                         # from the global RNG, or a resumed run would diverge
+                                         generator=torch.Generator().manual_seed(cfg.seed))
     batches = iter(loader)
 
     # --- observability (rank 0 only writes) --------------------------------------

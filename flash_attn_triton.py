@@ -1,0 +1,797 @@
+"""FlashAttention-2 in Triton: forward and backward kernels for non-causal attention.
+
+What problem this solves
+------------------------
+Attention computes, for every head, O = softmax(S) V with S = scale * Q K^T. Written with
+ordinary tensor ops, S and P = softmax(S) are N x N matrices that are written to GPU
+memory (HBM) and read back several times. For DiT-XL/2 at 512px (N = 1024 tokens, 16
+heads) that is 16M scores per image per layer; at N = 16384 it is 268M scores per head,
+gigabytes per layer. The arithmetic is cheap; the memory traffic is not.
+
+FlashAttention (Dao et al., 2022, "FlashAttention: Fast and Memory-Efficient Exact
+Attention with IO-Awareness") computes exactly the same result without ever storing S
+or P. It splits Q into blocks of BLOCK_M rows and K, V into blocks of BLOCK_N rows, keeps
+one block of each in on-chip memory (registers / shared memory), and streams over the
+key blocks. FlashAttention-2 (Dao, 2023) reorganises the work so that GPUs stay busy:
+
+* one program (a CUDA thread block) owns one block of queries of one (batch, head) and
+  loops over all key blocks, so programs never need to talk to each other;
+* the softmax normalisation is deferred to the very end (one division per output row
+  instead of one per key block), which removes non-matmul FLOPs from the inner loop;
+* the backward pass is split so that every gradient element is written by exactly one
+  program (see below).
+
+Online softmax
+--------------
+A row's softmax needs the maximum and the sum over *all* keys, but a program only sees
+one key block at a time. It keeps three running quantities per query row i: the maximum
+m_i seen so far, the sum l_i = sum_j exp(S_ij - m_i) over the keys seen so far, and the
+unnormalised output acc_i = sum_j exp(S_ij - m_i) V_j. When a new block S^(j) arrives:
+
+    m_new   = max(m_i, rowmax(S^(j)))
+    alpha   = exp(m_i - m_new)                    # rescales everything computed so far
+    P^(j)   = exp(S^(j) - m_new)
+    l_i     = alpha * l_i + rowsum(P^(j))
+    acc_i   = alpha * acc_i + P^(j) V^(j)
+
+Subtracting the running maximum keeps every exponent <= 0, so nothing overflows even in
+fp16, and multiplying by alpha corrects the old terms whenever the maximum grows. After
+the last block O_i = acc_i / l_i: exactly the softmax-weighted sum, up to float rounding.
+
+The kernels use exp2 instead of exp because the GPU has a native base-2 exponential
+instruction (exp is exp2 plus a multiply). exp(x) = exp2(x * log2(e)), so the factor
+log2(e) is folded into the softmax scale once: the kernels work with base-2 scores
+S2 = (scale * log2(e)) * Q K^T and every exp above becomes exp2.
+
+Why only the logsumexp is stored
+--------------------------------
+The backward pass needs P again. Instead of saving the N x N matrix, the forward pass
+saves one number per query row, the logsumexp lse_i = m_i + log(l_i), because then
+
+    P_ij = exp(S_ij - lse_i)        (in the kernels' base 2: exp2(S2_ij - lse2_i))
+
+recovers the normalised probabilities in a single step. Recomputing S = Q K^T costs one
+extra matmul, which is much cheaper than writing and reading N^2 numbers. In this file
+the stored logsumexp is in base-2 units: lse2 = m2 + log2(l) = lse * log2(e), fp32,
+shape (B, H, N).
+
+Backward pass
+-------------
+With dO the incoming gradient, the chain rule through O = P V and P = softmax(S) gives
+
+    dV = P^T dO                  dP = dO V^T
+    dS = P * (dP - delta)        delta_i = sum_j P_ij dP_ij = dO_i . O_i
+    dQ = scale * dS K            dK = scale * dS^T Q
+
+The identity delta_i = dO_i . O_i holds because O_i = sum_j P_ij V_j; it turns the
+softmax Jacobian into a per-row constant that a tiny preprocess kernel computes once.
+Then a dK/dV kernel gives each program a block of keys and loops over all query blocks
+(it accumulates dK and dV for its keys in registers), and a dQ kernel gives each program
+a block of queries and loops over all key blocks. Every output element has exactly one
+writer: no atomics, and the result is deterministic (the same bits on every run). The
+price is that P is recomputed twice, once in each kernel.
+
+Two worlds, one source
+----------------------
+On a CUDA GPU the kernels are compiled and autotuned (block sizes, warps, pipeline
+stages) per sequence length and head dim. With TRITON_INTERPRET=1 the same kernels run
+on the CPU through Triton's numpy interpreter, which is how the tests run on machines
+without a GPU: there a single small block configuration is used (autotuning interpreted
+kernels would take forever), and tl.dot operands are converted to fp32 first because the
+interpreter's dot on bfloat16 multiplies raw bit patterns. Set the variable before this
+module is imported: @triton.jit decides between compiling and interpreting right then.
+
+fp32 inputs use TF32 tensor cores when torch.get_float32_matmul_precision() allows it
+("high" / "medium"); with the default "highest" they are full-precision fp32 products.
+
+Usage and benchmark
+-------------------
+    from flash_attn_triton import flash_attention
+    o = flash_attention(q, k, v)            # q, k, v: (B, H, N, D), like F.scaled_dot_product_attention
+
+    python flash_attn_triton.py             # on a CUDA machine: TFLOP/s and peak memory against
+                                            # PyTorch's SDPA backends and a plain-PyTorch reference;
+                                            # writes assets/attention_benchmark.md (and .png)
+
+The first call for each new (N, D, dtype) autotunes the kernels, which takes a while.
+"""
+
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["flash_attention"]
+
+# log2(e): exp(x) == exp2(x * LOG2E). A constexpr so the kernels can read it as a constant.
+LOG2E = tl.constexpr(1.4426950408889634)
+MAX_HEAD_DIM = 128  # larger heads would need a smaller tile plan to fit in shared memory
+
+
+def _interpreting():
+    """True when Triton runs kernels on the CPU interpreter instead of compiling them.
+
+    Read at call time (not import time) so the choice of launch path follows the same
+    environment variable that made @triton.jit build interpreted kernels.
+    """
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ---------------------------------------------------------------------------------------
+# Small device helpers
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _mma(a, b, acc, DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + a @ b with fp32 accumulation."""
+    if DOT_IN_FP32:
+        # Interpreter only: its dot multiplies bfloat16 bit patterns as integers, so give it
+        # real fp32 numbers. The values were already rounded to the input dtype, so the
+        # result matches what tensor cores compute up to summation order.
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        # Compiled: fp16/bf16 operands go straight to the tensor cores; DOT_PRECISION only
+        # matters for fp32 operands ("tf32" or exact "ieee").
+        return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _load_tile(base, offs_row, offs_d, stride_row, stride_d, N, D):
+    """Load a (rows, BLOCK_D) tile of one head; out-of-range entries read as 0."""
+    ptrs = base + offs_row[:, None] * stride_row + offs_d[None, :] * stride_d
+    # Rows >= N (sequence tail) and columns >= D (head dim padded to a power of two) are
+    # not in memory. Zero is the neutral value: padded head-dim columns add 0 to every dot
+    # product, and padded rows are either never stored or explicitly masked by the caller.
+    mask = (offs_row[:, None] < N) & (offs_d[None, :] < D)
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_tile(base, value, offs_row, offs_d, stride_row, stride_d, N, D):
+    """Store a (rows, BLOCK_D) tile, skipping the padded rows and head-dim columns."""
+    ptrs = base + offs_row[:, None] * stride_row + offs_d[None, :] * stride_d
+    # The padding exists only in registers: writing it would clobber the next row / head.
+    mask = (offs_row[:, None] < N) & (offs_d[None, :] < D)
+    tl.store(ptrs, value.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _split_program_id(N, H, BLOCK: tl.constexpr):
+    """Map the 1-D program id to (batch, head, block index along the sequence).
+
+    A 1-D grid avoids CUDA's 65535 limit on the 2nd/3rd grid dimension for large B * H, and
+    putting the sequence block in the fastest-varying position makes neighbouring programs
+    share a (batch, head), so the K/V they all stream stays in L2 cache.
+    """
+    pid = tl.program_id(0)
+    num_blocks = tl.cdiv(N, BLOCK)
+    pid_bh = pid // num_blocks
+    pid_blk = pid % num_blocks
+    # int64: batch * stride_b can exceed 2**31 elements for large inputs.
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    return off_b, off_h, pid_bh.to(tl.int64), pid_blk
+
+
+# ---------------------------------------------------------------------------------------
+# Forward kernel
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V,  # inputs, each (B, H, N, D) with arbitrary strides
+    O,  # output (B, H, N, D)
+    LSE,  # output, contiguous fp32 (B, H, N): base-2 logsumexp of each query row
+    stride_qb, stride_qh, stride_qn, stride_qd,  # strides of Q, in elements
+    stride_kb, stride_kh, stride_kn, stride_kd,  # strides of K
+    stride_vb, stride_vh, stride_vn, stride_vd,  # strides of V
+    stride_ob, stride_oh, stride_on, stride_od,  # strides of O
+    H,  # number of heads (to split the program id into batch and head)
+    N,  # sequence length (queries and keys)
+    D,  # head dim; BLOCK_D >= D is its padded, power-of-two tile width
+    sm_scale,  # softmax scale, usually D ** -0.5
+    BLOCK_M: tl.constexpr,  # queries owned by one program
+    BLOCK_N: tl.constexpr,  # keys processed per loop iteration
+    BLOCK_D: tl.constexpr,  # next_power_of_2(D), at least 16 (tl.dot's minimum)
+    DOT_IN_FP32: tl.constexpr,  # interpreter: upcast tl.dot operands to fp32
+    DOT_PRECISION: tl.constexpr,  # "tf32" or "ieee", used only for fp32 operands
+):
+    off_b, off_h, pid_bh, pid_m = _split_program_id(N, H, BLOCK_M)
+    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    k_base = K + off_b * stride_kb + off_h * stride_kh
+    v_base = V + off_b * stride_vb + off_h * stride_vh
+    o_base = O + off_b * stride_ob + off_h * stride_oh
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) query rows of this program
+    offs_n = tl.arange(0, BLOCK_N)  # (BLOCK_N,) key rows within one key block
+    offs_d = tl.arange(0, BLOCK_D)  # (BLOCK_D,) head-dim columns, padded
+
+    # Scale and log2(e) are applied to the fp32 scores rather than folded into Q: rounding
+    # a pre-scaled Q back to fp16/bf16 would add an error the reference does not have.
+    qk_scale = sm_scale * LOG2E
+
+    # The query tile stays in registers for the whole loop: it is read from HBM once.
+    q = _load_tile(q_base, offs_m, offs_d, stride_qn, stride_qd, N, D)  # (BLOCK_M, BLOCK_D)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running row max (base 2)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(s - m_i)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # running unnormalised output
+
+    for start_n in range(0, N, BLOCK_N):
+        offs_kv = start_n + offs_n  # (BLOCK_N,)
+        k = _load_tile(k_base, offs_kv, offs_d, stride_kn, stride_kd, N, D)  # (BLOCK_N, BLOCK_D)
+        v = _load_tile(v_base, offs_kv, offs_d, stride_vn, stride_vd, N, D)  # (BLOCK_N, BLOCK_D)
+
+        s = _mma(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32),
+                 DOT_IN_FP32, DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        s = s * qk_scale
+        # Keys past the end of the sequence (zero-filled by the load) must get no weight:
+        # a -inf score becomes exp2(-inf) = 0 below, and cannot raise the row max.
+        s = tl.where((offs_kv < N)[None, :], s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # (BLOCK_M,)
+        # A row that has seen only -inf scores would compute (-inf) - (-inf) = NaN. Such a
+        # row cannot occur without an attention mask (every block has a valid key), but a
+        # finite stand-in for the max keeps the arithmetic NaN-free by construction.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_use)  # (BLOCK_M,) rescales the old l_i and acc
+        p = tl.math.exp2(s - m_use[:, None])  # (BLOCK_M, BLOCK_N), every entry in [0, 1]
+
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        # P is rounded to V's dtype so the P @ V product runs on fp16/bf16 tensor cores,
+        # exactly as FlashAttention does; the accumulator stays fp32.
+        acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], DOT_IN_FP32, DOT_PRECISION)
+        m_i = m_new
+
+    # Deferred normalisation (FA2): divide once at the end. l_i == 0 only for the
+    # impossible fully-masked row; dividing by 1 there returns 0 instead of NaN.
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    acc = acc / l_safe[:, None]
+    _store_tile(o_base, acc, offs_m, offs_d, stride_on, stride_od, N, D)
+
+    # Base-2 logsumexp: lets the backward rebuild P with one exp2 and no max/sum pass.
+    m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
+    lse = m_fin + tl.math.log2(l_safe)  # (BLOCK_M,)
+    # Only real query rows have a logsumexp slot.
+    tl.store(LSE + pid_bh * N + offs_m, lse, mask=offs_m < N)
+
+
+# ---------------------------------------------------------------------------------------
+# Backward kernels
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    O, DO,  # forward output and its gradient, (B, H, N, D) with arbitrary strides
+    DELTA,  # output, contiguous fp32 (B, H, N): delta_i = dO_i . O_i
+    stride_ob, stride_oh, stride_on, stride_od,  # strides of O
+    stride_dob, stride_doh, stride_don, stride_dod,  # strides of dO (may be 0: expanded grads)
+    H, N, D,  # heads, sequence length, head dim
+    BLOCK_M: tl.constexpr,  # rows per program
+    BLOCK_D: tl.constexpr,  # padded head dim
+):
+    off_b, off_h, pid_bh, pid_m = _split_program_id(N, H, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+    offs_d = tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+    o = _load_tile(O + off_b * stride_ob + off_h * stride_oh,
+                   offs_m, offs_d, stride_on, stride_od, N, D)  # (BLOCK_M, BLOCK_D)
+    do = _load_tile(DO + off_b * stride_dob + off_h * stride_doh,
+                    offs_m, offs_d, stride_don, stride_dod, N, D)  # (BLOCK_M, BLOCK_D)
+    # delta = rowsum(P * dP) = rowsum(dO * O): one dot product per row instead of an
+    # N-long reduction over P, and fp32 because it is subtracted from dP (cancellation).
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)  # (BLOCK_M,)
+    tl.store(DELTA + pid_bh * N + offs_m, delta, mask=offs_m < N)  # real rows only
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO,  # inputs, (B, H, N, D) with arbitrary strides
+    DK, DV,  # outputs, (B, H, N, D); allocated together, so they share one set of strides
+    LSE, DELTA,  # contiguous fp32 (B, H, N): base-2 logsumexp and rowsum(dO * O)
+    stride_qb, stride_qh, stride_qn, stride_qd,  # strides of Q
+    stride_kb, stride_kh, stride_kn, stride_kd,  # strides of K
+    stride_vb, stride_vh, stride_vn, stride_vd,  # strides of V
+    stride_dob, stride_doh, stride_don, stride_dod,  # strides of dO
+    stride_gb, stride_gh, stride_gn, stride_gd,  # strides of dK and dV
+    H, N, D,  # heads, sequence length, head dim (as in the forward kernel)
+    sm_scale,  # softmax scale
+    BLOCK_M: tl.constexpr,  # queries processed per loop iteration
+    BLOCK_N: tl.constexpr,  # keys owned by one program
+    BLOCK_D: tl.constexpr,  # padded head dim
+    DOT_IN_FP32: tl.constexpr,  # interpreter: upcast tl.dot operands to fp32
+    DOT_PRECISION: tl.constexpr,  # "tf32" or "ieee" for fp32 operands
+):
+    off_b, off_h, pid_bh, pid_n = _split_program_id(N, H, BLOCK_N)
+    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    do_base = DO + off_b * stride_dob + off_h * stride_doh
+    lse_base = LSE + pid_bh * N
+    delta_base = DELTA + pid_bh * N
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) keys of this program
+    offs_m0 = tl.arange(0, BLOCK_M)  # (BLOCK_M,) query rows within one query block
+    offs_d = tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+    qk_scale = sm_scale * LOG2E
+
+    # Keys past N are zero rows; their dK/dV rows are computed but never stored, and keys
+    # do not interact with each other here, so they need no other masking.
+    k = _load_tile(K + off_b * stride_kb + off_h * stride_kh,
+                   offs_n, offs_d, stride_kn, stride_kd, N, D)  # (BLOCK_N, BLOCK_D)
+    v = _load_tile(V + off_b * stride_vb + off_h * stride_vh,
+                   offs_n, offs_d, stride_vn, stride_vd, N, D)  # (BLOCK_N, BLOCK_D)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    for start_m in range(0, N, BLOCK_M):
+        offs_m = start_m + offs_m0  # (BLOCK_M,)
+        m_valid = offs_m < N  # (BLOCK_M,) queries that exist
+        q = _load_tile(q_base, offs_m, offs_d, stride_qn, stride_qd, N, D)  # (BLOCK_M, BLOCK_D)
+        do = _load_tile(do_base, offs_m, offs_d, stride_don, stride_dod, N, D)  # (BLOCK_M, BLOCK_D)
+        # Padded query rows have no lse/delta slot; any finite fill works, P is zeroed below.
+        lse = tl.load(lse_base + offs_m, mask=m_valid, other=0.0)  # (BLOCK_M,)
+        delta = tl.load(delta_base + offs_m, mask=m_valid, other=0.0)  # (BLOCK_M,)
+
+        # Work with transposed scores S^T (keys x queries) so that dV = P^T dO and
+        # dK = dS^T Q come out as plain matmuls with this program's keys as rows.
+        s_t = _mma(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32),
+                   DOT_IN_FP32, DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+        # P recomputed from the saved logsumexp: already normalised, no max or sum needed.
+        p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])  # (BLOCK_N, BLOCK_M)
+        # Padded query rows (zero q, zero dO) would contribute 0 anyway; zeroing P makes
+        # that explicit instead of relying on the fill values.
+        p_t = tl.where(m_valid[None, :], p_t, 0.0)
+
+        dv = _mma(p_t.to(do.dtype), do, dv, DOT_IN_FP32, DOT_PRECISION)  # (BLOCK_N, BLOCK_D)
+        dp_t = _mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32),
+                    DOT_IN_FP32, DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+        ds_t = p_t * (dp_t - delta[None, :])  # (BLOCK_N, BLOCK_M) softmax backward
+        dk = _mma(ds_t.to(q.dtype), q, dk, DOT_IN_FP32, DOT_PRECISION)  # (BLOCK_N, BLOCK_D)
+
+    # S = scale * Q K^T, so the scale reappears once in dK (applied after the sum, in fp32).
+    dk = dk * sm_scale
+    _store_tile(DK + off_b * stride_gb + off_h * stride_gh, dk, offs_n, offs_d, stride_gn, stride_gd, N, D)
+    _store_tile(DV + off_b * stride_gb + off_h * stride_gh, dv, offs_n, offs_d, stride_gn, stride_gd, N, D)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO,  # inputs, (B, H, N, D) with arbitrary strides
+    DQ,  # output, (B, H, N, D)
+    LSE, DELTA,  # contiguous fp32 (B, H, N)
+    stride_qb, stride_qh, stride_qn, stride_qd,  # strides of Q
+    stride_kb, stride_kh, stride_kn, stride_kd,  # strides of K
+    stride_vb, stride_vh, stride_vn, stride_vd,  # strides of V
+    stride_dob, stride_doh, stride_don, stride_dod,  # strides of dO
+    stride_gb, stride_gh, stride_gn, stride_gd,  # strides of dQ
+    H, N, D,  # heads, sequence length, head dim
+    sm_scale,  # softmax scale
+    BLOCK_M: tl.constexpr,  # queries owned by one program
+    BLOCK_N: tl.constexpr,  # keys processed per loop iteration
+    BLOCK_D: tl.constexpr,  # padded head dim
+    DOT_IN_FP32: tl.constexpr,  # interpreter: upcast tl.dot operands to fp32
+    DOT_PRECISION: tl.constexpr,  # "tf32" or "ieee" for fp32 operands
+):
+    off_b, off_h, pid_bh, pid_m = _split_program_id(N, H, BLOCK_M)
+    k_base = K + off_b * stride_kb + off_h * stride_kh
+    v_base = V + off_b * stride_vb + off_h * stride_vh
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) queries of this program
+    offs_n0 = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    offs_d = tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+    m_valid = offs_m < N
+    qk_scale = sm_scale * LOG2E
+
+    q = _load_tile(Q + off_b * stride_qb + off_h * stride_qh,
+                   offs_m, offs_d, stride_qn, stride_qd, N, D)  # (BLOCK_M, BLOCK_D)
+    do = _load_tile(DO + off_b * stride_dob + off_h * stride_doh,
+                    offs_m, offs_d, stride_don, stride_dod, N, D)  # (BLOCK_M, BLOCK_D)
+    # Padded query rows read lse = delta = 0: their P stays finite and, with zero dO, their
+    # dQ rows are zero; they are not stored anyway.
+    lse = tl.load(LSE + pid_bh * N + offs_m, mask=m_valid, other=0.0)  # (BLOCK_M,)
+    delta = tl.load(DELTA + pid_bh * N + offs_m, mask=m_valid, other=0.0)  # (BLOCK_M,)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    for start_n in range(0, N, BLOCK_N):
+        offs_n = start_n + offs_n0  # (BLOCK_N,)
+        k = _load_tile(k_base, offs_n, offs_d, stride_kn, stride_kd, N, D)  # (BLOCK_N, BLOCK_D)
+        v = _load_tile(v_base, offs_n, offs_d, stride_vn, stride_vd, N, D)  # (BLOCK_N, BLOCK_D)
+
+        s = _mma(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32),
+                 DOT_IN_FP32, DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        # Keys past N get score -inf, hence P = 0, exactly as in the forward pass.
+        s = tl.where((offs_n < N)[None, :], s * qk_scale, float("-inf"))
+        p = tl.math.exp2(s - lse[:, None])  # (BLOCK_M, BLOCK_N)
+        dp = _mma(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32),
+                  DOT_IN_FP32, DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        ds = p * (dp - delta[:, None])  # (BLOCK_M, BLOCK_N)
+        dq = _mma(ds.to(k.dtype), k, dq, DOT_IN_FP32, DOT_PRECISION)  # (BLOCK_M, BLOCK_D)
+
+    dq = dq * sm_scale
+    _store_tile(DQ + off_b * stride_gb + off_h * stride_gh, dq, offs_m, offs_d, stride_gn, stride_gd, N, D)
+
+
+# ---------------------------------------------------------------------------------------
+# Launch configurations: autotuned on a GPU, one fixed config under the interpreter
+# ---------------------------------------------------------------------------------------
+
+
+def _configs(row_blocks, loop_blocks, rows_name, loop_name):
+    """Candidate configs: a program owns `rows_name` rows and steps `loop_name` at a time."""
+    configs = []
+    for rows in row_blocks:
+        for step in loop_blocks:
+            # 8 warps (two Hopper warpgroups) only pay off when a big tile gives each enough
+            # rows; for smaller tiles they mostly add synchronisation.
+            warps = (4, 8) if rows == 128 and step >= 64 else (4,)
+            # 128-row K/V tiles at D = 128 leave shared memory for only 2-3 pipeline stages.
+            stages = (2, 3) if step == 128 else (3, 4)
+            for w in warps:
+                for s in stages:
+                    configs.append(triton.Config({rows_name: rows, loop_name: step}, num_warps=w, num_stages=s))
+    return configs
+
+
+def _prune_by_length(configs, named_args, **kwargs):
+    """Drop configs whose blocks are much longer than the sequence (pure padding work)."""
+    n = named_args["N"] if "N" in named_args else kwargs["N"]
+    cap = triton.next_power_of_2(n)
+    smallest_m = min(c.kwargs["BLOCK_M"] for c in configs)
+    smallest_n = min(c.kwargs["BLOCK_N"] for c in configs)
+    kept = [c for c in configs
+            if c.kwargs["BLOCK_M"] <= max(cap, smallest_m) and c.kwargs["BLOCK_N"] <= max(cap, smallest_n)]
+    return kept or configs
+
+
+def _autotuned(kernel, configs):
+    # Keyed on N and D (the autotuner adds the tensors' dtypes to the key by itself).
+    # Every kernel writes its outputs without reading them, so benchmarking a config
+    # several times cannot corrupt the result and no reset_to_zero is needed.
+    return triton.autotune(configs=configs, key=["N", "D"],
+                           prune_configs_by={"early_config_prune": _prune_by_length})(kernel)
+
+
+# 16 forward and 10 + 10 backward candidates before pruning: each is compiled once per
+# (N, D, dtype), so the list is kept short. Triton caches the binaries on disk.
+_attn_fwd_tuned = _autotuned(_attn_fwd_kernel, _configs((64, 128), (32, 64, 128), "BLOCK_M", "BLOCK_N"))
+# dK/dV: the program's key block is the big one; query blocks stream past it.
+_attn_bwd_dkdv_tuned = _autotuned(_attn_bwd_dkdv_kernel, _configs((64, 128), (32, 64), "BLOCK_N", "BLOCK_M"))
+_attn_bwd_dq_tuned = _autotuned(_attn_bwd_dq_kernel, _configs((64, 128), (32, 64), "BLOCK_M", "BLOCK_N"))
+
+# Under the interpreter each tile operation is a numpy call with a fixed Python overhead,
+# so fewer, larger tiles are much faster. BLOCK_M != BLOCK_N on purpose, so that swapping
+# the two somewhere shows up in the tests, and a 32-key step still runs the online-softmax
+# rescaling over several key blocks for the longer test sequences.
+_INTERPRETER_BLOCKS = {
+    "fwd": {"BLOCK_M": 64, "BLOCK_N": 32},
+    "dkdv": {"BLOCK_M": 32, "BLOCK_N": 64},
+    "dq": {"BLOCK_M": 64, "BLOCK_N": 32},
+}
+_PREPROCESS_BLOCK_M = 64  # bandwidth-bound elementwise + row sum: no tuning needed
+
+
+def _launch(name, plain, tuned, grid, *args, **meta):
+    """Run `plain` with the fixed interpreter blocks, or the autotuned wrapper on a GPU."""
+    if _interpreting():
+        blocks = _INTERPRETER_BLOCKS[name]
+        plain[grid(blocks)](*args, **blocks, **meta)
+    else:
+        tuned[grid](*args, **meta)
+
+
+def _kernel_meta(q):
+    """Compile-time flags shared by all kernels."""
+    fp32_exact = q.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
+    return {
+        "BLOCK_D": max(16, triton.next_power_of_2(q.shape[-1])),
+        "DOT_IN_FP32": _interpreting(),
+        "DOT_PRECISION": "ieee" if fp32_exact else "tf32",
+    }
+
+
+def _device_guard(t):
+    # Triton launches on the *current* CUDA device; make it the tensors' device.
+    if t.is_cuda:
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+def _flash_attn_forward(q, k, v, sm_scale):
+    """Returns o (B, H, N, D) in q's dtype and lse (B, H, N) fp32, base-2 logsumexp."""
+    B, H, N, D = q.shape
+    o = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)  # (B, H, N, D)
+    lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)  # (B, H, N)
+    if o.numel() == 0:
+        return o, lse
+    meta = _kernel_meta(q)
+    grid = lambda META: (triton.cdiv(N, META["BLOCK_M"]) * B * H,)  # noqa: E731
+    with _device_guard(q):
+        _launch("fwd", _attn_fwd_kernel, _attn_fwd_tuned, grid,
+                q, k, v, o, lse,
+                *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+                H, N, D, sm_scale, **meta)
+    return o, lse
+
+
+def _flash_attn_backward(do, q, k, v, o, lse, sm_scale):
+    """Returns dq, dk, dv, each (B, H, N, D) contiguous in q's dtype."""
+    B, H, N, D = q.shape
+    dq = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)  # (B, H, N, D)
+    dkv = torch.empty((2, B, H, N, D), dtype=q.dtype, device=q.device)  # dK and dV, one layout
+    dk, dv = dkv[0], dkv[1]  # (B, H, N, D) each
+    if dq.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)  # (B, H, N)
+    meta = _kernel_meta(q)
+    with _device_guard(q):
+        _attn_bwd_preprocess_kernel[(triton.cdiv(N, _PREPROCESS_BLOCK_M) * B * H,)](
+            o, do, delta, *o.stride(), *do.stride(), H, N, D,
+            BLOCK_M=_PREPROCESS_BLOCK_M, BLOCK_D=meta["BLOCK_D"])
+        # The two kernels are independent given delta; each writes its outputs alone.
+        _launch("dkdv", _attn_bwd_dkdv_kernel, _attn_bwd_dkdv_tuned,
+                lambda META: (triton.cdiv(N, META["BLOCK_N"]) * B * H,),
+                q, k, v, do, dk, dv, lse, delta,
+                *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
+                H, N, D, sm_scale, **meta)
+        _launch("dq", _attn_bwd_dq_kernel, _attn_bwd_dq_tuned,
+                lambda META: (triton.cdiv(N, META["BLOCK_M"]) * B * H,),
+                q, k, v, do, dq, lse, delta,
+                *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+                H, N, D, sm_scale, **meta)
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------------------
+# Autograd and the public function
+# ---------------------------------------------------------------------------------------
+
+
+class FlashAttentionFunction(torch.autograd.Function):
+    """Saves q, k, v, o and the (B, H, N) logsumexp: O(N) extra memory instead of O(N^2)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, sm_scale):
+        o, lse = _flash_attn_forward(q, k, v, sm_scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.sm_scale = sm_scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = _flash_attn_backward(do, q, k, v, o, lse, ctx.sm_scale)
+        return dq, dk, dv, None
+
+
+def flash_attention(q, k, v, scale=None):
+    """softmax(q k^T * scale) v without materialising the attention matrix.
+
+    Same meaning as ``torch.nn.functional.scaled_dot_product_attention(q, k, v,
+    scale=scale)`` without mask, dropout or causality.
+
+    Args:
+        q, k, v: (B, H, N, D) tensors of one dtype (float16, bfloat16 or float32) on one
+            device, D <= 128. Any strides (e.g. views of a fused qkv projection).
+            CUDA tensors, or any device when TRITON_INTERPRET=1 (slow, for testing).
+        scale: softmax scale; defaults to D ** -0.5.
+
+    Returns:
+        (B, H, N, D) tensor in q's dtype. Differentiable with respect to q, k and v.
+    """
+    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v must all be (B, H, N, D); got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"flash_attention supports float16, bfloat16 and float32, not {q.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError("q, k, v must be on the same device")
+    if q.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"head dim {q.shape[-1]} > {MAX_HEAD_DIM} is not supported")
+    if not q.is_cuda and not _interpreting():
+        raise RuntimeError("flash_attention needs CUDA tensors (or TRITON_INTERPRET=1 set before "
+                           "importing this module, to run the kernels on the CPU interpreter)")
+    sm_scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    return FlashAttentionFunction.apply(q, k, v, sm_scale)
+
+
+# ---------------------------------------------------------------------------------------
+# Benchmark: python flash_attn_triton.py
+# ---------------------------------------------------------------------------------------
+
+
+_BENCH_SHAPES = [  # (workload, B, H, N, D)
+    ("DiT-S/2 256px", 32, 6, 256, 64),
+    ("DiT-XL/2 512px", 8, 16, 1024, 72),
+    ("N=4096", 4, 16, 4096, 64),
+    ("N=16384", 1, 16, 16384, 64),
+]
+
+
+def _math_attention(q, k, v):
+    """Attention with plain PyTorch ops (what a model does without a fused kernel)."""
+    attn = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, H, N, N)
+    return attn.softmax(dim=-1) @ v  # (B, H, N, D)
+
+
+def _bench_methods():
+    """(name, attention function, SDPA backend or None) for everything that is timed."""
+    import torch.nn.functional as F
+
+    methods = [("Triton (this file)", flash_attention, None)]
+    try:
+        from torch.nn.attention import SDPBackend
+    except ImportError:  # older PyTorch: only SDPA's own dispatch can be timed
+        methods.append(("SDPA (default)", F.scaled_dot_product_attention, None))
+    else:
+        for backend_name in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"):
+            backend = getattr(SDPBackend, backend_name, None)
+            if backend is not None:
+                methods.append((f"SDPA {backend_name}", F.scaled_dot_product_attention, backend))
+    methods.append(("math (PyTorch ops)", _math_attention, None))
+    return methods
+
+
+def _time_method(fn, backend, q, k, v, do):
+    """Median forward ms, median forward+backward ms, peak MiB of one forward+backward."""
+    from triton.testing import do_bench
+
+    if backend is not None:
+        from torch.nn.attention import sdpa_kernel
+
+        ctx = sdpa_kernel(backend)
+    else:
+        ctx = contextlib.nullcontext()
+
+    def fwd_bwd():
+        fn(q, k, v).backward(do)
+
+    with ctx:
+        with torch.no_grad():  # forward only: no autograd bookkeeping, nothing saved
+            fwd_ms = do_bench(lambda: fn(q, k, v), return_mode="median")
+        both_ms = do_bench(fwd_bwd, grad_to_none=[q, k, v], return_mode="median")
+        q.grad = k.grad = v.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        fwd_bwd()
+        torch.cuda.synchronize()
+        peak_mib = torch.cuda.max_memory_allocated() / 2**20
+        q.grad = k.grad = v.grad = None
+    return fwd_ms, both_ms, peak_mib
+
+
+def _write_report(rows, gpu, out_dir):
+    """Markdown table (returned and written) and, if matplotlib is installed, a bar chart.
+
+    rows: (workload, shape, method, fwd_ms, fwd_tflops, both_ms, both_tflops, peak_mib),
+    with None in the numeric fields for a run that went out of memory.
+    """
+    import pathlib
+
+    def cell(x, fmt):
+        return "OOM" if x is None else format(x, fmt)
+
+    lines = [
+        "# Attention benchmark",
+        "",
+        f"GPU: {gpu}. torch {torch.__version__}, triton {triton.__version__}, bfloat16, non-causal.",
+        "Forward FLOPs = 4·B·H·N²·D, backward = 2.5 × forward. Times are medians of "
+        "`triton.testing.do_bench`. Peak memory is `torch.cuda.max_memory_allocated` over one "
+        "forward+backward, including the inputs, dO and the gradients. "
+        "Reproduce with `python flash_attn_triton.py`.",
+        "",
+        "| workload | shape | method | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | peak MiB |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for workload, shape, name, fwd_ms, fwd_tf, both_ms, both_tf, peak in rows:
+        lines.append(f"| {workload} | {shape} | {name} | {cell(fwd_ms, '.3f')} | {cell(fwd_tf, '.1f')} | "
+                     f"{cell(both_ms, '.3f')} | {cell(both_tf, '.1f')} | {cell(peak, '.0f')} |")
+    table = "\n".join(lines) + "\n"
+
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "attention_benchmark.md").write_text(table, encoding="utf-8")
+    print(f"wrote {out_dir / 'attention_benchmark.md'}")
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return table
+    workloads = list(dict.fromkeys(r[0] for r in rows))
+    names = list(dict.fromkeys(r[2] for r in rows))
+    width = 0.8 / max(len(names), 1)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    for ax, col, title in ((axes[0], 4, "forward"), (axes[1], 6, "forward + backward")):
+        for i, name in enumerate(names):
+            heights = []
+            for workload in workloads:
+                match = [r[col] for r in rows if r[0] == workload and r[2] == name]
+                heights.append(match[0] if match and match[0] is not None else 0.0)  # OOM/skipped: 0
+            xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(workloads))]
+            ax.bar(xs, heights, width, label=name)
+        ax.set_xticks(range(len(workloads)))
+        ax.set_xticklabels(workloads, fontsize=8)
+        ax.set_ylabel("TFLOP/s")
+        ax.set_title(f"{title}, bf16, {gpu}", fontsize=10)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(names), fontsize=8)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))  # leave room for the legend under the plots
+    fig.savefig(out_dir / "attention_benchmark.png", dpi=120)
+    plt.close(fig)
+    print(f"wrote {out_dir / 'attention_benchmark.png'}")
+    return table
+
+
+def _benchmark():
+    import gc
+    import pathlib
+
+    import torch.nn.functional as F
+
+    if not torch.cuda.is_available():
+        print("This benchmark needs a CUDA GPU: it times compiled Triton kernels. Nothing to do here.")
+        return 0
+    if _interpreting():
+        print("TRITON_INTERPRET=1 is set: the kernels would run on the CPU interpreter. "
+              "Unset it to benchmark the compiled kernels.")
+        return 0
+
+    gpu = torch.cuda.get_device_name()
+    dtype = torch.bfloat16
+    methods = _bench_methods()
+    print(f"GPU: {gpu}; torch {torch.__version__}, triton {triton.__version__}; bf16")
+    print("The first Triton call for each shape autotunes its kernels: expect a few minutes.")
+    rows = []
+    for workload, B, H, N, D in _BENCH_SHAPES:
+        torch.manual_seed(0)
+        q, k, v, do = (torch.randn(B, H, N, D, device="cuda", dtype=dtype) for _ in range(4))  # (B, H, N, D)
+        for t in (q, k, v):
+            t.requires_grad_(True)
+        with torch.no_grad():  # correctness first: a fast wrong kernel is worthless
+            err = (flash_attention(q, k, v).float() - F.scaled_dot_product_attention(q, k, v).float()).abs().max()
+        print(f"{workload} (B={B}, H={H}, N={N}, D={D}): max |ours - SDPA| = {err.item():.2e}")
+        fwd_flops = 4 * B * H * N * N * D
+        both_flops = fwd_flops * (1 + 2.5)
+        shape = f"B={B} H={H} N={N} D={D}"
+        for name, fn, backend in methods:
+            result, skipped = None, None
+            try:
+                result = _time_method(fn, backend, q, k, v, do)
+            except torch.cuda.OutOfMemoryError:
+                pass  # result stays None: reported as OOM
+            except RuntimeError as exc:  # e.g. "No available kernel": backend can't run this shape
+                skipped = (str(exc).strip().splitlines() or ["?"])[0][:100]
+            # Out of the except block, so the traceback no longer pins the big tensors.
+            q.grad = k.grad = v.grad = None
+            gc.collect()
+            torch.cuda.empty_cache()
+            if skipped is not None:
+                print(f"  {name:22s} skipped: {skipped}")
+                continue
+            if result is None:
+                rows.append((workload, shape, name, None, None, None, None, None))
+                print(f"  {name:22s} OOM")
+                continue
+            fwd_ms, both_ms, peak = result
+            fwd_tf = fwd_flops / (fwd_ms * 1e-3) / 1e12
+            both_tf = both_flops / (both_ms * 1e-3) / 1e12
+            rows.append((workload, shape, name, fwd_ms, fwd_tf, both_ms, both_tf, peak))
+            print(f"  {name:22s} fwd {fwd_ms:8.3f} ms {fwd_tf:6.1f} TFLOP/s | fwd+bwd {both_ms:8.3f} ms "
+                  f"{both_tf:6.1f} TFLOP/s | peak {peak:9.1f} MiB")
+        del q, k, v, do
+        gc.collect()
+        torch.cuda.empty_cache()
+
+    print()
+    print(_write_report(rows, gpu, pathlib.Path(__file__).resolve().parent / "assets"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_benchmark())
