@@ -64,15 +64,15 @@ class TrainConfig:
     sample_steps: int = option(50, "DDIM steps for the sample grids")
     cfg_scale: float = option(2.0, "classifier-free guidance scale for the sample grids")
     profile: bool = option(False, "write a torch.profiler trace of a few steps to <out>/profile")
-    benchmark: bool = option(False, "time training steps on random data, print one line, write nothing")
+    benchmark: bool = option(False, "time training steps on random data and print one line (no run directory)")
 
 
 # Each preset line says why it differs from the dataclass defaults (which are the "cpu" preset).
 TRAIN_PRESETS = {
     "cpu": {},
     "gpu": {
-        "model": "DiT-S/2",          # 256 tokens at 32 px: 16x the CPU model's compute, still seconds/100 steps
-        "batch_size": 256,           # fills an H100 at this size
+        "model": "DiT-S/2",          # patch 2: 256 tokens at 32 px, a GPU's worth of work per image
+        "batch_size": 256,           # the paper's batch size
         "steps": 6000,
         "lr": 5e-4,
         "workers": 4,
@@ -93,7 +93,7 @@ TRAIN_PRESETS = {
 @dataclass
 class SampleConfig:
     ckpt: str = option("runs/default", "a run directory (its newest checkpoint) or a checkpoint file")
-    label: list = option(None, "class indices or class folder names (default: every class)")
+    label: list = option(None, "class indices or class folder names; none given: every class")
     num: int = option(8, "samples per label")
     cfg_scale: float = option(2.0, "classifier-free guidance scale (1: no guidance)")
     sampler: str = option("ddim", "reverse process", ("ddim", "ddpm"))

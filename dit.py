@@ -209,7 +209,7 @@ class DiT(nn.Module):
     """Diffusion model with a Transformer backbone.
 
     Argument names follow the paper's code. Ours, keyword only: attn_backend (see attention())
-    and grad_checkpointing (recompute each block in the backward pass: less memory, ~30% slower).
+    and grad_checkpointing (keep only block inputs; recompute each block in the backward pass).
     """
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28,
@@ -260,7 +260,7 @@ class DiT(nn.Module):
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
 
         # adaLN-Zero: zero gates make every block the identity, and a zero final layer makes the
-        # whole network output zero. The paper (Table 4 / Fig. 5) finds this init trains best.
+        # whole network output zero. The paper (Fig. 5) finds this conditioning trains best.
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)

@@ -79,6 +79,9 @@ def main(argv=None):
         device = resolve_device(cfg.device)
         model, diffusion, classes = load_model(cfg.ckpt, device)
         labels = resolve_labels(cfg.label, classes)
+        if cfg.cfg_scale != 1 and model.y_embedder.dropout_prob == 0:
+            raise ConfigError("this model was trained without label dropout, so it has no null label "
+                              "for guidance: use --cfg-scale 1")
         if not 1 <= cfg.steps <= diffusion.num_timesteps:
             raise ConfigError(f"--steps must be between 1 and {diffusion.num_timesteps}")
     except (ConfigError, CheckpointError) as err:

@@ -5,10 +5,11 @@ Train a class-conditional DiT with DDPM on a folder of images, on a CPU, one GPU
     python train.py --data my_images --out runs/mine # your own root/<class>/*.png folders
     python train.py --preset gpu                     # larger model and batch for one GPU
     torchrun --nproc_per_node=4 train.py --preset gpu    # data parallel over 4 GPUs (DDP)
-    python train.py --benchmark --model DiT-XL/2 --image-size 256   # images/s and MFU, writes nothing
+    python train.py --benchmark --model DiT-XL/2 --batch-size 32    # images/s and MFU, writes nothing
 
-Starting again with the same --out resumes from the newest checkpoint: a run killed at any moment
-(even SIGKILL) ends with the same weights as one never interrupted. SIGINT/SIGTERM save first.
+Starting again with the same --out resumes from the newest checkpoint: a single-process run killed
+at any moment (even SIGKILL) ends with the same weights as one never interrupted (under DDP the
+other ranks' random streams restart from their seeds). SIGINT/SIGTERM save a checkpoint first.
 Watch it with `tensorboard --logdir runs`. All flags: `python train.py --help` (or config.py).
 """
 
@@ -265,6 +266,9 @@ def train(cfg):
         torch.backends.cudnn.allow_tf32 = True
     if cfg.model not in dit.DiT_models:
         raise ConfigError(f"--model {cfg.model!r} is not a preset; choose from {', '.join(dit.DiT_models)}")
+    patch = int(cfg.model.split("/")[1])
+    if cfg.image_size % patch:
+        raise ConfigError(f"--image-size {cfg.image_size} is not a multiple of {cfg.model}'s patch size {patch}")
 
     # --- data -------------------------------------------------------------------
     if cfg.benchmark:
@@ -467,7 +471,8 @@ def log_step(row, writer, metrics, bar):
 def write_samples(ema, diffusion, cfg, classes, device, out, writer, step, per_class=8):
     import torchvision.utils
     with torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else nullcontext():
-        images = sample_grid(ema, diffusion, len(classes), per_class, cfg.sample_steps, cfg.cfg_scale, device)
+        cfg_scale = cfg.cfg_scale if cfg.class_dropout > 0 else 1.0  # no null label, no guidance
+        images = sample_grid(ema, diffusion, len(classes), per_class, cfg.sample_steps, cfg_scale, device)
     grid = torchvision.utils.make_grid(images, nrow=per_class, padding=1)  # one row per class
     (out / "samples").mkdir(exist_ok=True)
     torchvision.utils.save_image(grid, out / "samples" / f"step_{step:07d}.png")

@@ -6,7 +6,8 @@ number reported in the README (chance is 1 / number of classes).
     python assets/evaluate.py                               # runs/default, 32 DDIM samples per class
     python assets/evaluate.py --ckpt runs/mine --sampler ddpm --steps 1000
 
-Not a run-time part of the project: it only measures. The classifier is cached in the run directory.
+Not a run-time part of the project: it only measures. The classifier is cached beside the run
+(runs/classifier_<data>_<size>px.pt).
 """
 
 import argparse
@@ -32,7 +33,7 @@ def make_classifier(num_classes):
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, num_classes))
 
 
-def train_classifier(data_dir, image_size, epochs=4, seed=0):
+def train_classifier(data_dir, image_size, epochs=6, seed=0):
     """Train on 90% of the data set, report accuracy on the held-out 10%."""
     data = ImageFolder(data_dir, image_size)
     gen = torch.Generator().manual_seed(seed)
@@ -69,12 +70,14 @@ def main(argv=None):
 
     state = load_checkpoint(args.ckpt)
     data_dir = state["config"]["data"] or BUILTIN_DATA
-    cache = Path(args.ckpt if Path(args.ckpt).is_dir() else Path(args.ckpt).parents[1]) / "classifier.pt"
+    run_dir = Path(args.ckpt) if Path(args.ckpt).is_dir() else Path(args.ckpt).parents[1]
+    image_size = state["config"]["image_size"]
+    cache = run_dir.parent / f"classifier_{Path(data_dir).name}_{image_size}px.pt"  # shared by runs beside it
     if cache.exists():
         saved = torch.load(cache, weights_only=False)
         net, classes, val_acc = saved["net"], saved["classes"], saved["val_acc"]
     else:
-        net, classes, val_acc = train_classifier(data_dir, state["config"]["image_size"])
+        net, classes, val_acc = train_classifier(data_dir, image_size)
         torch.save({"net": net, "classes": classes, "val_acc": val_acc}, cache)
     print(f"classifier: {100 * val_acc:.1f}% on held-out real images of {data_dir}")
 
