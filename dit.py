@@ -339,7 +339,7 @@ DiT_models = {}
 for _name, (_depth, _hidden, _heads) in {
         "XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6),
         # Ours: "Ti" (tiny) trains on a laptop CPU in minutes; "Mi" (micro) is for tests.
-        "Ti": (6, 256, 4), "Mi": (2, 64, 2)}.items():
+        "Ti": (6, 192, 3), "Mi": (2, 64, 2)}.items():
     for _patch in (2, 4, 8):
         DiT_models[f"DiT-{_name}/{_patch}"] = _preset(_depth, _hidden, _heads, _patch)
 del _name, _depth, _hidden, _heads, _patch
@@ -423,11 +423,15 @@ class GaussianDiffusion:
         # beta~_0 = 0, so its log is clipped to beta~_1 (only its use in the variance interpolation matters).
         self.posterior_log_variance_clipped = torch.log(
             torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]]))
+        self._on_device = {}
 
-    @staticmethod
-    def _at(schedule, t, ndim=4):
-        """schedule[t] for a batch of timesteps, as float32 shaped to broadcast over images."""
-        return schedule.to(t.device)[t].float().view(-1, *([1] * (ndim - 1)))
+    def _at(self, schedule, t, ndim=4):
+        """schedule[t] for a batch of timesteps, as float32 shaped to broadcast over images.
+        Each schedule is copied to a device once: a copy per step would stall a GPU's queue."""
+        key = (id(schedule), t.device)
+        if key not in self._on_device:
+            self._on_device[key] = schedule.to(t.device)
+        return self._on_device[key][t].float().view(-1, *([1] * (ndim - 1)))
 
     # --- the forward process -------------------------------------------------
 

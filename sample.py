@@ -73,6 +73,11 @@ def to_unit(x):
     return (x.float().clamp(-1, 1) + 1) / 2
 
 
+def save_grid(images, path, nrow, zoom):
+    grid = torchvision.utils.make_grid(images, nrow=nrow, padding=1)
+    torchvision.utils.save_image(grid.repeat_interleave(zoom, -1).repeat_interleave(zoom, -2), path)
+
+
 def main(argv=None):
     try:
         cfg = parse_args(SampleConfig, sys.argv[1:] if argv is None else argv)
@@ -91,7 +96,7 @@ def main(argv=None):
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "grid.png"]
-    torchvision.utils.save_image(images, paths[0], nrow=cfg.num, padding=1)
+    save_grid(images, paths[0], cfg.num, cfg.zoom)
     for i, image in enumerate(images):
         name = classes[labels[i // cfg.num]]
         paths.append(out / f"{name}_{i % cfg.num:03d}.png")
@@ -101,7 +106,7 @@ def main(argv=None):
         first = torch.arange(len(labels)) * cfg.num
         strip = torch.stack([frame[first] for frame in trajectory], dim=1).flatten(0, 1)  # (L*10, 3, H, W)
         paths.append(out / "steps.png")
-        torchvision.utils.save_image(strip, paths[-1], nrow=len(trajectory), padding=1)
+        save_grid(strip, paths[-1], len(trajectory), cfg.zoom)
     print(f"{len(images)} samples of {', '.join(classes[i] for i in labels)} "
           f"({cfg.sampler}, {cfg.steps} steps, cfg {cfg.cfg_scale}):")
     for path in paths:

@@ -168,8 +168,8 @@ def learning_rate(cfg, step):
 
 @torch.no_grad()
 def update_ema(ema, model, decay):
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p, 1 - decay)
+    # One multi-tensor kernel for all parameters rather than one small kernel each.
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
 
 
 def ema_decay(cfg, step):
