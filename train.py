@@ -5,7 +5,7 @@ Train a class-conditional DiT with DDPM on a folder of images, on a CPU, one GPU
     python train.py --data my_images --out runs/mine # your own root/<class>/*.png folders
     python train.py --preset gpu                     # larger model and batch for one GPU
     torchrun --nproc_per_node=4 train.py --preset gpu    # data parallel over 4 GPUs (DDP)
-    python train.py --benchmark --model DiT-XL/2 --batch-size 32    # images/s and MFU, writes nothing
+    python train.py --benchmark --model DiT-XL/2 --image-size 32 --batch-size 32   # img/s, MFU
 
 Starting again with the same --out resumes from the newest checkpoint: a single-process run killed
 at any moment (even SIGKILL) ends with the same weights as one never interrupted (under DDP the
