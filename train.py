@@ -524,7 +524,7 @@ def benchmark(cfg, train_step, model_args, num_params, device, batch, num_classe
             f"{1000 * dt:.1f} ms/step | peak mem {mem:.2f} GiB | {achieved:.2f} TFLOP/s{mfu}")
     print(line)
     return {"img_per_s": batch / dt, "ms_per_step": 1000 * dt, "peak_mem_gib": mem,
-            "tflops": achieved, "params": num_params}
+            "tflops": achieved, "mfu": achieved / peak if peak else None, "params": num_params}
 
 
 def main(argv=None):
