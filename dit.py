@@ -414,7 +414,7 @@ class GaussianDiffusion:
         self.learn_sigma = learn_sigma
         self.loss_weighting = loss_weighting
         self.min_snr_gamma = min_snr_gamma
-        # Kept in float64: 1 - abar_t is ~1e-4 at t = 0 and its square root must stay accurate.
+        # Built in float64: a product of 1000 factors near 1 loses digits in float32.
         self.betas = make_betas(schedule, num_timesteps)                  # (T,)
         self.alphas_cumprod = torch.cumprod(1 - self.betas, dim=0)        # (T,) abar_t
         self.alphas_cumprod_prev = F.pad(self.alphas_cumprod[:-1], (1, 0), value=1.0)  # abar_{t-1}

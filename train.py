@@ -279,6 +279,8 @@ def train(cfg):
             ensure_builtin_dataset(data_dir)
         if world > 1:
             dist.barrier()  # the other ranks wait while rank 0 generates the built-in set
+        # Flips happen below with a checkpointed generator, not in the data set: that keeps a
+        # resumed run bitwise identical whatever the number of loader workers.
         dataset = ImageFolder(data_dir, cfg.image_size, hflip=False)
         check_batch_size(dataset, cfg.batch_size)
         classes = dataset.classes
