@@ -21,6 +21,10 @@ key blocks. FlashAttention-2 (Dao, 2023) reorganises the work so that GPUs stay 
 * the backward pass is split so that every gradient element is written by exactly one
   program (see below).
 
+Queries and keys may differ in number: N_q queries attend to N_kv keys. Self-attention has
+N_q = N_kv = N; DiT's cross-attention variant has N_q image tokens and N_kv = 2 condition
+tokens (timestep and class). Below, "N" stands for whichever length is meant.
+
 Online softmax
 --------------
 A row's softmax needs the maximum and the sum over *all* keys, but a program only sees
@@ -45,15 +49,15 @@ S2 = (scale * log2(e)) * Q K^T and every exp above becomes exp2.
 
 Why only the logsumexp is stored
 --------------------------------
-The backward pass needs P again. Instead of saving the N x N matrix, the forward pass
-saves one number per query row, the logsumexp lse_i = m_i + log(l_i), because then
+The backward pass needs P again. Instead of saving the N_q x N_kv matrix, the forward
+pass saves one number per query row, the logsumexp lse_i = m_i + log(l_i), because then
 
     P_ij = exp(S_ij - lse_i)        (in the kernels' base 2: exp2(S2_ij - lse2_i))
 
 recovers the normalised probabilities in a single step. Recomputing S = Q K^T costs one
 extra matmul, which is much cheaper than writing and reading N^2 numbers. In this file
 the stored logsumexp is in base-2 units: lse2 = m2 + log2(l) = lse * log2(e), fp32,
-shape (B, H, N).
+shape (B, H, N_q).
 
 Backward pass
 -------------
@@ -71,15 +75,22 @@ a block of queries and loops over all key blocks. Every output element has exact
 writer: no atomics, and the result is deterministic (the same bits on every run). The
 price is that P is recomputed twice, once in each kernel.
 
+Ragged tails
+------------
+N_q and N_kv need not be multiples of the blocks. Loads zero-fill rows past the end and
+stores skip them. Keys past N_kv get the score -inf, hence no weight. Query rows past N_q
+are computed on zeros and never stored. Each kernel explains at the spot why no other
+guard is needed.
+
 Two worlds, one source
 ----------------------
 On a CUDA GPU the kernels are compiled and autotuned (block sizes, warps, pipeline
-stages) per sequence length and head dim. With TRITON_INTERPRET=1 the same kernels run
+stages) per sequence lengths and head dim. With TRITON_INTERPRET=1 the same kernels run
 on the CPU through Triton's numpy interpreter, which is how the tests run on machines
-without a GPU: there a single small block configuration is used (autotuning interpreted
-kernels would take forever), and tl.dot operands are converted to fp32 first because the
-interpreter's dot on bfloat16 multiplies raw bit patterns. Set the variable before this
-module is imported: @triton.jit decides between compiling and interpreting right then.
+without a GPU. There a single small block configuration is used (autotuning interpreted
+kernels would take forever), and tl.dot operands are converted to fp32 first (see
+_DOT_IN_FP32). Set the variable before this module is imported: @triton.jit decides
+between compiling and interpreting right then, and so does this module.
 
 fp32 inputs use TF32 tensor cores when torch.get_float32_matmul_precision() allows it
 ("high" / "medium"); with the default "highest" they are full-precision fp32 products.
@@ -87,13 +98,13 @@ fp32 inputs use TF32 tensor cores when torch.get_float32_matmul_precision() allo
 Usage and benchmark
 -------------------
     from flash_attn_triton import flash_attention
-    o = flash_attention(q, k, v)            # q, k, v: (B, H, N, D), like F.scaled_dot_product_attention
+    o = flash_attention(q, k, v)      # q (B, H, N_q, D); k, v (B, H, N_kv, D); o like q
+                                      # same meaning as F.scaled_dot_product_attention
 
-    python flash_attn_triton.py             # on a CUDA machine: TFLOP/s and peak memory against
-                                            # PyTorch's SDPA backends and a plain-PyTorch reference;
-                                            # writes assets/attention_benchmark.md (and .png)
+    python assets/benchmark_attention.py    # on a CUDA machine: TFLOP/s against PyTorch's
+                                            # SDPA backends; writes assets/attention_benchmark.md
 
-The first call for each new (N, D, dtype) autotunes the kernels, which takes a while.
+The first call for each new (N_q, N_kv, D, dtype) autotunes the kernels, which takes a while.
 """
 
 import contextlib
@@ -105,18 +116,19 @@ import triton.language as tl
 
 __all__ = ["flash_attention"]
 
-# log2(e): exp(x) == exp2(x * LOG2E). A constexpr so the kernels can read it as a constant.
-LOG2E = tl.constexpr(1.4426950408889634)
 MAX_HEAD_DIM = 128  # larger heads would need a smaller tile plan to fit in shared memory
 
+# log2(e): exp(x) == exp2(x * LOG2E). A constexpr so the kernels can read it as a constant.
+LOG2E = tl.constexpr(1.4426950408889634)
 
-def _interpreting():
-    """True when Triton runs kernels on the CPU interpreter instead of compiling them.
+# Interpret or compile: @triton.jit reads TRITON_INTERPRET when it decorates the kernels
+# below, at import, so this module decides at the same moment from the same variable.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
 
-    Read at call time (not import time) so the choice of launch path follows the same
-    environment variable that made @triton.jit build interpreted kernels.
-    """
-    return os.environ.get("TRITON_INTERPRET") == "1"
+# The interpreter's tl.dot is numpy's matmul on the stored values, and it stores bfloat16 as
+# raw uint16 bits: it would multiply bit patterns as integers. This is the kernels' one
+# interpreter workaround; _mma reads it, and compiled kernels never see the fp32 branch.
+_DOT_IN_FP32 = tl.constexpr(_INTERPRET)
 
 
 # ---------------------------------------------------------------------------------------
@@ -125,17 +137,14 @@ def _interpreting():
 
 
 @triton.jit
-def _mma(a, b, acc, DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """acc + a @ b with fp32 accumulation."""
-    if DOT_IN_FP32:
-        # Interpreter only: its dot multiplies bfloat16 bit patterns as integers, so give it
-        # real fp32 numbers. The values were already rounded to the input dtype, so the
-        # result matches what tensor cores compute up to summation order.
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        # Compiled: fp16/bf16 operands go straight to the tensor cores; DOT_PRECISION only
-        # matters for fp32 operands ("tf32" or exact "ieee").
-        return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+def _mma(a, b, acc, DOT_PRECISION: tl.constexpr):
+    """acc + a @ b with fp32 accumulation. DOT_PRECISION ("tf32" or "ieee") affects fp32 only."""
+    if _DOT_IN_FP32:
+        # The values were already rounded to the input dtype, so the fp32 product matches
+        # what tensor cores compute up to summation order.
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -144,7 +153,7 @@ def _load_tile(base, offs_row, offs_d, stride_row, stride_d, N, D):
     ptrs = base + offs_row[:, None] * stride_row + offs_d[None, :] * stride_d
     # Rows >= N (sequence tail) and columns >= D (head dim padded to a power of two) are
     # not in memory. Zero is the neutral value: padded head-dim columns add 0 to every dot
-    # product, and padded rows are either never stored or explicitly masked by the caller.
+    # product, and the kernels rely on padded rows being exactly zero (see each kernel).
     mask = (offs_row[:, None] < N) & (offs_d[None, :] < D)
     return tl.load(ptrs, mask=mask, other=0.0)
 
@@ -160,11 +169,11 @@ def _store_tile(base, value, offs_row, offs_d, stride_row, stride_d, N, D):
 
 @triton.jit
 def _split_program_id(N, H, BLOCK: tl.constexpr):
-    """Map the 1-D program id to (batch, head, block index along the sequence).
+    """Map the 1-D program id to (batch, head, block index along a sequence of length N).
 
     A 1-D grid avoids CUDA's 65535 limit on the 2nd/3rd grid dimension for large B * H, and
     putting the sequence block in the fastest-varying position makes neighbouring programs
-    share a (batch, head), so the K/V they all stream stays in L2 cache.
+    share a (batch, head), so the tiles they all stream stay in L2 cache.
     """
     pid = tl.program_id(0)
     num_blocks = tl.cdiv(N, BLOCK)
@@ -183,24 +192,23 @@ def _split_program_id(N, H, BLOCK: tl.constexpr):
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V,  # inputs, each (B, H, N, D) with arbitrary strides
-    O,  # output (B, H, N, D)
-    LSE,  # output, contiguous fp32 (B, H, N): base-2 logsumexp of each query row
+    Q, K, V,  # inputs: Q (B, H, N_Q, D), K and V (B, H, N_KV, D), arbitrary strides
+    O,  # output (B, H, N_Q, D)
+    LSE,  # output, contiguous fp32 (B, H, N_Q): base-2 logsumexp of each query row
     stride_qb, stride_qh, stride_qn, stride_qd,  # strides of Q, in elements
     stride_kb, stride_kh, stride_kn, stride_kd,  # strides of K
     stride_vb, stride_vh, stride_vn, stride_vd,  # strides of V
     stride_ob, stride_oh, stride_on, stride_od,  # strides of O
     H,  # number of heads (to split the program id into batch and head)
-    N,  # sequence length (queries and keys)
+    N_Q, N_KV,  # number of queries and of keys (equal for self-attention)
     D,  # head dim; BLOCK_D >= D is its padded, power-of-two tile width
     sm_scale,  # softmax scale, usually D ** -0.5
     BLOCK_M: tl.constexpr,  # queries owned by one program
     BLOCK_N: tl.constexpr,  # keys processed per loop iteration
     BLOCK_D: tl.constexpr,  # next_power_of_2(D), at least 16 (tl.dot's minimum)
-    DOT_IN_FP32: tl.constexpr,  # interpreter: upcast tl.dot operands to fp32
     DOT_PRECISION: tl.constexpr,  # "tf32" or "ieee", used only for fp32 operands
 ):
-    off_b, off_h, pid_bh, pid_m = _split_program_id(N, H, BLOCK_M)
+    off_b, off_h, pid_bh, pid_m = _split_program_id(N_Q, H, BLOCK_M)
     q_base = Q + off_b * stride_qb + off_h * stride_qh
     k_base = K + off_b * stride_kb + off_h * stride_kh
     v_base = V + off_b * stride_vb + off_h * stride_vh
@@ -215,49 +223,46 @@ def _attn_fwd_kernel(
     qk_scale = sm_scale * LOG2E
 
     # The query tile stays in registers for the whole loop: it is read from HBM once.
-    q = _load_tile(q_base, offs_m, offs_d, stride_qn, stride_qd, N, D)  # (BLOCK_M, BLOCK_D)
+    # Query rows past N_Q are zeros: they get finite scores and are never stored.
+    q = _load_tile(q_base, offs_m, offs_d, stride_qn, stride_qd, N_Q, D)  # (BLOCK_M, BLOCK_D)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running row max (base 2)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(s - m_i)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # running unnormalised output
 
-    for start_n in range(0, N, BLOCK_N):
+    for start_n in range(0, N_KV, BLOCK_N):
         offs_kv = start_n + offs_n  # (BLOCK_N,)
-        k = _load_tile(k_base, offs_kv, offs_d, stride_kn, stride_kd, N, D)  # (BLOCK_N, BLOCK_D)
-        v = _load_tile(v_base, offs_kv, offs_d, stride_vn, stride_vd, N, D)  # (BLOCK_N, BLOCK_D)
+        k = _load_tile(k_base, offs_kv, offs_d, stride_kn, stride_kd, N_KV, D)  # (BLOCK_N, BLOCK_D)
+        v = _load_tile(v_base, offs_kv, offs_d, stride_vn, stride_vd, N_KV, D)  # (BLOCK_N, BLOCK_D)
 
-        s = _mma(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32),
-                 DOT_IN_FP32, DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
-        s = s * qk_scale
+        s = _mma(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_PRECISION)
+        s = s * qk_scale  # (BLOCK_M, BLOCK_N)
         # Keys past the end of the sequence (zero-filled by the load) must get no weight:
         # a -inf score becomes exp2(-inf) = 0 below, and cannot raise the row max.
-        s = tl.where((offs_kv < N)[None, :], s, float("-inf"))
+        s = tl.where((offs_kv < N_KV)[None, :], s, float("-inf"))
 
+        # Every block starts at a real key (start_n < N_KV), so m_new is finite from the
+        # first block on and s - m_new never meets (-inf) - (-inf). Before the first block
+        # m_i = -inf gives alpha = exp2(-inf) = 0, which multiplies l_i = acc = 0.
         m_new = tl.maximum(m_i, tl.max(s, axis=1))  # (BLOCK_M,)
-        # A row that has seen only -inf scores would compute (-inf) - (-inf) = NaN. Such a
-        # row cannot occur without an attention mask (every block has a valid key), but a
-        # finite stand-in for the max keeps the arithmetic NaN-free by construction.
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_use)  # (BLOCK_M,) rescales the old l_i and acc
-        p = tl.math.exp2(s - m_use[:, None])  # (BLOCK_M, BLOCK_N), every entry in [0, 1]
+        alpha = tl.math.exp2(m_i - m_new)  # (BLOCK_M,) rescales the old l_i and acc
+        p = tl.math.exp2(s - m_new[:, None])  # (BLOCK_M, BLOCK_N), every entry in [0, 1]
 
         l_i = l_i * alpha + tl.sum(p, axis=1)
         # P is rounded to V's dtype so the P @ V product runs on fp16/bf16 tensor cores,
         # exactly as FlashAttention does; the accumulator stays fp32.
-        acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], DOT_IN_FP32, DOT_PRECISION)
+        acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION)  # (BLOCK_M, BLOCK_D)
         m_i = m_new
 
-    # Deferred normalisation (FA2): divide once at the end. l_i == 0 only for the
-    # impossible fully-masked row; dividing by 1 there returns 0 instead of NaN.
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    acc = acc / l_safe[:, None]
-    _store_tile(o_base, acc, offs_m, offs_d, stride_on, stride_od, N, D)
+    # Deferred normalisation (FA2): divide once at the end. l_i >= 1, because the key that
+    # set the row max contributed exp2(0) = 1.
+    acc = acc / l_i[:, None]
+    _store_tile(o_base, acc, offs_m, offs_d, stride_on, stride_od, N_Q, D)
 
     # Base-2 logsumexp: lets the backward rebuild P with one exp2 and no max/sum pass.
-    m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
-    lse = m_fin + tl.math.log2(l_safe)  # (BLOCK_M,)
+    lse = m_i + tl.math.log2(l_i)  # (BLOCK_M,)
     # Only real query rows have a logsumexp slot.
-    tl.store(LSE + pid_bh * N + offs_m, lse, mask=offs_m < N)
+    tl.store(LSE + pid_bh * N_Q + offs_m, lse, mask=offs_m < N_Q)
 
 
 # ---------------------------------------------------------------------------------------
@@ -267,151 +272,144 @@ def _attn_fwd_kernel(
 
 @triton.jit
 def _attn_bwd_preprocess_kernel(
-    O, DO,  # forward output and its gradient, (B, H, N, D) with arbitrary strides
-    DELTA,  # output, contiguous fp32 (B, H, N): delta_i = dO_i . O_i
+    O, DO,  # forward output and its gradient, (B, H, N_Q, D) with arbitrary strides
+    DELTA,  # output, contiguous fp32 (B, H, N_Q): delta_i = dO_i . O_i
     stride_ob, stride_oh, stride_on, stride_od,  # strides of O
     stride_dob, stride_doh, stride_don, stride_dod,  # strides of dO (may be 0: expanded grads)
-    H, N, D,  # heads, sequence length, head dim
+    H, N_Q, D,  # heads, number of queries, head dim
     BLOCK_M: tl.constexpr,  # rows per program
     BLOCK_D: tl.constexpr,  # padded head dim
 ):
-    off_b, off_h, pid_bh, pid_m = _split_program_id(N, H, BLOCK_M)
+    off_b, off_h, pid_bh, pid_m = _split_program_id(N_Q, H, BLOCK_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
     offs_d = tl.arange(0, BLOCK_D)  # (BLOCK_D,)
     o = _load_tile(O + off_b * stride_ob + off_h * stride_oh,
-                   offs_m, offs_d, stride_on, stride_od, N, D)  # (BLOCK_M, BLOCK_D)
+                   offs_m, offs_d, stride_on, stride_od, N_Q, D)  # (BLOCK_M, BLOCK_D)
     do = _load_tile(DO + off_b * stride_dob + off_h * stride_doh,
-                    offs_m, offs_d, stride_don, stride_dod, N, D)  # (BLOCK_M, BLOCK_D)
+                    offs_m, offs_d, stride_don, stride_dod, N_Q, D)  # (BLOCK_M, BLOCK_D)
     # delta = rowsum(P * dP) = rowsum(dO * O): one dot product per row instead of an
-    # N-long reduction over P, and fp32 because it is subtracted from dP (cancellation).
+    # N_kv-long reduction over P, and fp32 because it is subtracted from dP (cancellation).
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)  # (BLOCK_M,)
-    tl.store(DELTA + pid_bh * N + offs_m, delta, mask=offs_m < N)  # real rows only
+    tl.store(DELTA + pid_bh * N_Q + offs_m, delta, mask=offs_m < N_Q)  # real rows only
 
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO,  # inputs, (B, H, N, D) with arbitrary strides
-    DK, DV,  # outputs, (B, H, N, D); allocated together, so they share one set of strides
-    LSE, DELTA,  # contiguous fp32 (B, H, N): base-2 logsumexp and rowsum(dO * O)
+    Q, K, V, DO,  # inputs: Q and dO (B, H, N_Q, D), K and V (B, H, N_KV, D), any strides
+    DK, DV,  # outputs, (B, H, N_KV, D); allocated together, so they share one set of strides
+    LSE, DELTA,  # contiguous fp32 (B, H, N_Q): base-2 logsumexp and rowsum(dO * O)
     stride_qb, stride_qh, stride_qn, stride_qd,  # strides of Q
     stride_kb, stride_kh, stride_kn, stride_kd,  # strides of K
     stride_vb, stride_vh, stride_vn, stride_vd,  # strides of V
     stride_dob, stride_doh, stride_don, stride_dod,  # strides of dO
     stride_gb, stride_gh, stride_gn, stride_gd,  # strides of dK and dV
-    H, N, D,  # heads, sequence length, head dim (as in the forward kernel)
+    H, N_Q, N_KV, D,  # heads, numbers of queries and keys, head dim
     sm_scale,  # softmax scale
     BLOCK_M: tl.constexpr,  # queries processed per loop iteration
     BLOCK_N: tl.constexpr,  # keys owned by one program
     BLOCK_D: tl.constexpr,  # padded head dim
-    DOT_IN_FP32: tl.constexpr,  # interpreter: upcast tl.dot operands to fp32
     DOT_PRECISION: tl.constexpr,  # "tf32" or "ieee" for fp32 operands
 ):
-    off_b, off_h, pid_bh, pid_n = _split_program_id(N, H, BLOCK_N)
+    off_b, off_h, pid_bh, pid_n = _split_program_id(N_KV, H, BLOCK_N)
     q_base = Q + off_b * stride_qb + off_h * stride_qh
     do_base = DO + off_b * stride_dob + off_h * stride_doh
-    lse_base = LSE + pid_bh * N
-    delta_base = DELTA + pid_bh * N
+    lse_base = LSE + pid_bh * N_Q
+    delta_base = DELTA + pid_bh * N_Q
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) keys of this program
     offs_m0 = tl.arange(0, BLOCK_M)  # (BLOCK_M,) query rows within one query block
     offs_d = tl.arange(0, BLOCK_D)  # (BLOCK_D,)
     qk_scale = sm_scale * LOG2E
 
-    # Keys past N are zero rows; their dK/dV rows are computed but never stored, and keys
-    # do not interact with each other here, so they need no other masking.
+    # Keys past N_KV are zero rows; their dK/dV rows are computed but never stored, and
+    # keys do not interact with each other here, so they need no other masking.
     k = _load_tile(K + off_b * stride_kb + off_h * stride_kh,
-                   offs_n, offs_d, stride_kn, stride_kd, N, D)  # (BLOCK_N, BLOCK_D)
+                   offs_n, offs_d, stride_kn, stride_kd, N_KV, D)  # (BLOCK_N, BLOCK_D)
     v = _load_tile(V + off_b * stride_vb + off_h * stride_vh,
-                   offs_n, offs_d, stride_vn, stride_vd, N, D)  # (BLOCK_N, BLOCK_D)
+                   offs_n, offs_d, stride_vn, stride_vd, N_KV, D)  # (BLOCK_N, BLOCK_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
-    for start_m in range(0, N, BLOCK_M):
+    for start_m in range(0, N_Q, BLOCK_M):
         offs_m = start_m + offs_m0  # (BLOCK_M,)
-        m_valid = offs_m < N  # (BLOCK_M,) queries that exist
-        q = _load_tile(q_base, offs_m, offs_d, stride_qn, stride_qd, N, D)  # (BLOCK_M, BLOCK_D)
-        do = _load_tile(do_base, offs_m, offs_d, stride_don, stride_dod, N, D)  # (BLOCK_M, BLOCK_D)
-        # Padded query rows have no lse/delta slot; any finite fill works, P is zeroed below.
-        lse = tl.load(lse_base + offs_m, mask=m_valid, other=0.0)  # (BLOCK_M,)
-        delta = tl.load(delta_base + offs_m, mask=m_valid, other=0.0)  # (BLOCK_M,)
+        q = _load_tile(q_base, offs_m, offs_d, stride_qn, stride_qd, N_Q, D)  # (BLOCK_M, BLOCK_D)
+        do = _load_tile(do_base, offs_m, offs_d, stride_don, stride_dod, N_Q, D)  # (BLOCK_M, BLOCK_D)
+        # Query rows past N_Q load q = dO = 0 and lse = delta = 0, so their scores are 0 and
+        # P = exp2(0) = 1: finite, and multiplied by exact zeros in both sums below
+        # (dO = 0 in P^T dO; dS = P * (dO V^T - 0) = 0 in dS^T Q). No mask is needed.
+        lse = tl.load(lse_base + offs_m, mask=offs_m < N_Q, other=0.0)  # (BLOCK_M,)
+        delta = tl.load(delta_base + offs_m, mask=offs_m < N_Q, other=0.0)  # (BLOCK_M,)
 
         # Work with transposed scores S^T (keys x queries) so that dV = P^T dO and
         # dK = dS^T Q come out as plain matmuls with this program's keys as rows.
-        s_t = _mma(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32),
-                   DOT_IN_FP32, DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+        s_t = _mma(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), DOT_PRECISION)
         # P recomputed from the saved logsumexp: already normalised, no max or sum needed.
         p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])  # (BLOCK_N, BLOCK_M)
-        # Padded query rows (zero q, zero dO) would contribute 0 anyway; zeroing P makes
-        # that explicit instead of relying on the fill values.
-        p_t = tl.where(m_valid[None, :], p_t, 0.0)
 
-        dv = _mma(p_t.to(do.dtype), do, dv, DOT_IN_FP32, DOT_PRECISION)  # (BLOCK_N, BLOCK_D)
-        dp_t = _mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32),
-                    DOT_IN_FP32, DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+        dv = _mma(p_t.to(do.dtype), do, dv, DOT_PRECISION)  # (BLOCK_N, BLOCK_D)
+        dp_t = _mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])  # (BLOCK_N, BLOCK_M) softmax backward
-        dk = _mma(ds_t.to(q.dtype), q, dk, DOT_IN_FP32, DOT_PRECISION)  # (BLOCK_N, BLOCK_D)
+        dk = _mma(ds_t.to(q.dtype), q, dk, DOT_PRECISION)  # (BLOCK_N, BLOCK_D)
 
     # S = scale * Q K^T, so the scale reappears once in dK (applied after the sum, in fp32).
     dk = dk * sm_scale
-    _store_tile(DK + off_b * stride_gb + off_h * stride_gh, dk, offs_n, offs_d, stride_gn, stride_gd, N, D)
-    _store_tile(DV + off_b * stride_gb + off_h * stride_gh, dv, offs_n, offs_d, stride_gn, stride_gd, N, D)
+    _store_tile(DK + off_b * stride_gb + off_h * stride_gh, dk, offs_n, offs_d, stride_gn, stride_gd, N_KV, D)
+    _store_tile(DV + off_b * stride_gb + off_h * stride_gh, dv, offs_n, offs_d, stride_gn, stride_gd, N_KV, D)
 
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO,  # inputs, (B, H, N, D) with arbitrary strides
-    DQ,  # output, (B, H, N, D)
-    LSE, DELTA,  # contiguous fp32 (B, H, N)
+    Q, K, V, DO,  # inputs: Q and dO (B, H, N_Q, D), K and V (B, H, N_KV, D), any strides
+    DQ,  # output, (B, H, N_Q, D)
+    LSE, DELTA,  # contiguous fp32 (B, H, N_Q)
     stride_qb, stride_qh, stride_qn, stride_qd,  # strides of Q
     stride_kb, stride_kh, stride_kn, stride_kd,  # strides of K
     stride_vb, stride_vh, stride_vn, stride_vd,  # strides of V
     stride_dob, stride_doh, stride_don, stride_dod,  # strides of dO
     stride_gb, stride_gh, stride_gn, stride_gd,  # strides of dQ
-    H, N, D,  # heads, sequence length, head dim
+    H, N_Q, N_KV, D,  # heads, numbers of queries and keys, head dim
     sm_scale,  # softmax scale
     BLOCK_M: tl.constexpr,  # queries owned by one program
     BLOCK_N: tl.constexpr,  # keys processed per loop iteration
     BLOCK_D: tl.constexpr,  # padded head dim
-    DOT_IN_FP32: tl.constexpr,  # interpreter: upcast tl.dot operands to fp32
     DOT_PRECISION: tl.constexpr,  # "tf32" or "ieee" for fp32 operands
 ):
-    off_b, off_h, pid_bh, pid_m = _split_program_id(N, H, BLOCK_M)
+    off_b, off_h, pid_bh, pid_m = _split_program_id(N_Q, H, BLOCK_M)
     k_base = K + off_b * stride_kb + off_h * stride_kh
     v_base = V + off_b * stride_vb + off_h * stride_vh
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) queries of this program
     offs_n0 = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
     offs_d = tl.arange(0, BLOCK_D)  # (BLOCK_D,)
-    m_valid = offs_m < N
     qk_scale = sm_scale * LOG2E
 
     q = _load_tile(Q + off_b * stride_qb + off_h * stride_qh,
-                   offs_m, offs_d, stride_qn, stride_qd, N, D)  # (BLOCK_M, BLOCK_D)
+                   offs_m, offs_d, stride_qn, stride_qd, N_Q, D)  # (BLOCK_M, BLOCK_D)
     do = _load_tile(DO + off_b * stride_dob + off_h * stride_doh,
-                    offs_m, offs_d, stride_don, stride_dod, N, D)  # (BLOCK_M, BLOCK_D)
-    # Padded query rows read lse = delta = 0: their P stays finite and, with zero dO, their
-    # dQ rows are zero; they are not stored anyway.
-    lse = tl.load(LSE + pid_bh * N + offs_m, mask=m_valid, other=0.0)  # (BLOCK_M,)
-    delta = tl.load(DELTA + pid_bh * N + offs_m, mask=m_valid, other=0.0)  # (BLOCK_M,)
+                    offs_m, offs_d, stride_don, stride_dod, N_Q, D)  # (BLOCK_M, BLOCK_D)
+    # Query rows past N_Q read lse = delta = 0: their P stays finite and their dQ rows are
+    # never stored.
+    lse = tl.load(LSE + pid_bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)  # (BLOCK_M,)
+    delta = tl.load(DELTA + pid_bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)  # (BLOCK_M,)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    for start_n in range(0, N, BLOCK_N):
+    for start_n in range(0, N_KV, BLOCK_N):
         offs_n = start_n + offs_n0  # (BLOCK_N,)
-        k = _load_tile(k_base, offs_n, offs_d, stride_kn, stride_kd, N, D)  # (BLOCK_N, BLOCK_D)
-        v = _load_tile(v_base, offs_n, offs_d, stride_vn, stride_vd, N, D)  # (BLOCK_N, BLOCK_D)
+        k = _load_tile(k_base, offs_n, offs_d, stride_kn, stride_kd, N_KV, D)  # (BLOCK_N, BLOCK_D)
+        v = _load_tile(v_base, offs_n, offs_d, stride_vn, stride_vd, N_KV, D)  # (BLOCK_N, BLOCK_D)
 
-        s = _mma(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32),
-                 DOT_IN_FP32, DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
-        # Keys past N get score -inf, hence P = 0, exactly as in the forward pass.
-        s = tl.where((offs_n < N)[None, :], s * qk_scale, float("-inf"))
+        s = _mma(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_PRECISION)
+        # Keys past N_KV get score -inf, hence P = 0, exactly as in the forward pass. Unlike
+        # the padded queries above this mask matters: a zero key scores 0, and exp2(0 - lse)
+        # can overflow when every real score is very negative, making inf * 0 = NaN in dS K.
+        s = tl.where((offs_n < N_KV)[None, :], s * qk_scale, float("-inf"))  # (BLOCK_M, BLOCK_N)
         p = tl.math.exp2(s - lse[:, None])  # (BLOCK_M, BLOCK_N)
-        dp = _mma(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32),
-                  DOT_IN_FP32, DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        dp = _mma(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_PRECISION)
         ds = p * (dp - delta[:, None])  # (BLOCK_M, BLOCK_N)
-        dq = _mma(ds.to(k.dtype), k, dq, DOT_IN_FP32, DOT_PRECISION)  # (BLOCK_M, BLOCK_D)
+        dq = _mma(ds.to(k.dtype), k, dq, DOT_PRECISION)  # (BLOCK_M, BLOCK_D)
 
     dq = dq * sm_scale
-    _store_tile(DQ + off_b * stride_gb + off_h * stride_gh, dq, offs_m, offs_d, stride_gn, stride_gd, N, D)
+    _store_tile(DQ + off_b * stride_gb + off_h * stride_gh, dq, offs_m, offs_d, stride_gn, stride_gd, N_Q, D)
 
 
 # ---------------------------------------------------------------------------------------
@@ -436,26 +434,26 @@ def _configs(row_blocks, loop_blocks, rows_name, loop_name):
 
 
 def _prune_by_length(configs, named_args, **kwargs):
-    """Drop configs whose blocks are much longer than the sequence (pure padding work)."""
-    n = named_args["N"] if "N" in named_args else kwargs["N"]
-    cap = triton.next_power_of_2(n)
-    smallest_m = min(c.kwargs["BLOCK_M"] for c in configs)
-    smallest_n = min(c.kwargs["BLOCK_N"] for c in configs)
-    kept = [c for c in configs
-            if c.kwargs["BLOCK_M"] <= max(cap, smallest_m) and c.kwargs["BLOCK_N"] <= max(cap, smallest_n)]
+    """Drop configs whose blocks are much longer than the sequences (pure padding work)."""
+    lengths = {**kwargs, **named_args}
+    # BLOCK_M always tiles the queries and BLOCK_N the keys, whichever of them a program owns.
+    caps = {"BLOCK_M": triton.next_power_of_2(lengths["N_Q"]), "BLOCK_N": triton.next_power_of_2(lengths["N_KV"])}
+    for name in caps:  # never prune below the smallest candidate
+        caps[name] = max(caps[name], min(c.kwargs[name] for c in configs))
+    kept = [c for c in configs if all(c.kwargs[name] <= cap for name, cap in caps.items())]
     return kept or configs
 
 
 def _autotuned(kernel, configs):
-    # Keyed on N and D (the autotuner adds the tensors' dtypes to the key by itself).
+    # Keyed on the lengths and D (the autotuner adds the tensors' dtypes to the key by itself).
     # Every kernel writes its outputs without reading them, so benchmarking a config
     # several times cannot corrupt the result and no reset_to_zero is needed.
-    return triton.autotune(configs=configs, key=["N", "D"],
+    return triton.autotune(configs=configs, key=["N_Q", "N_KV", "D"],
                            prune_configs_by={"early_config_prune": _prune_by_length})(kernel)
 
 
 # 16 forward and 10 + 10 backward candidates before pruning: each is compiled once per
-# (N, D, dtype), so the list is kept short. Triton caches the binaries on disk.
+# (N_q, N_kv, D, dtype), so the list is kept short. Triton caches the binaries on disk.
 _attn_fwd_tuned = _autotuned(_attn_fwd_kernel, _configs((64, 128), (32, 64, 128), "BLOCK_M", "BLOCK_N"))
 # dK/dV: the program's key block is the big one; query blocks stream past it.
 _attn_bwd_dkdv_tuned = _autotuned(_attn_bwd_dkdv_kernel, _configs((64, 128), (32, 64), "BLOCK_N", "BLOCK_M"))
@@ -475,7 +473,7 @@ _PREPROCESS_BLOCK_M = 64  # bandwidth-bound elementwise + row sum: no tuning nee
 
 def _launch(name, plain, tuned, grid, *args, **meta):
     """Run `plain` with the fixed interpreter blocks, or the autotuned wrapper on a GPU."""
-    if _interpreting():
+    if _INTERPRET:
         blocks = _INTERPRETER_BLOCKS[name]
         plain[grid(blocks)](*args, **blocks, **meta)
     else:
@@ -483,13 +481,11 @@ def _launch(name, plain, tuned, grid, *args, **meta):
 
 
 def _kernel_meta(q):
-    """Compile-time flags shared by all kernels."""
+    """Compile-time arguments shared by all kernels."""
+    # fp32 inputs follow PyTorch's own switch for TF32 matmuls.
     fp32_exact = q.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
-    return {
-        "BLOCK_D": max(16, triton.next_power_of_2(q.shape[-1])),
-        "DOT_IN_FP32": _interpreting(),
-        "DOT_PRECISION": "ieee" if fp32_exact else "tf32",
-    }
+    return {"BLOCK_D": max(16, triton.next_power_of_2(q.shape[-1])),
+            "DOT_PRECISION": "ieee" if fp32_exact else "tf32"}
 
 
 def _device_guard(t):
@@ -500,47 +496,49 @@ def _device_guard(t):
 
 
 def _flash_attn_forward(q, k, v, sm_scale):
-    """Returns o (B, H, N, D) in q's dtype and lse (B, H, N) fp32, base-2 logsumexp."""
-    B, H, N, D = q.shape
-    o = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)  # (B, H, N, D)
-    lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)  # (B, H, N)
+    """Returns o (B, H, N_q, D) in q's dtype and lse (B, H, N_q) fp32, base-2 logsumexp."""
+    B, H, N_q, D = q.shape
+    N_kv = k.shape[2]
+    o = torch.empty((B, H, N_q, D), dtype=q.dtype, device=q.device)  # (B, H, N_q, D)
+    lse = torch.empty((B, H, N_q), dtype=torch.float32, device=q.device)  # (B, H, N_q)
     if o.numel() == 0:
         return o, lse
     meta = _kernel_meta(q)
-    grid = lambda META: (triton.cdiv(N, META["BLOCK_M"]) * B * H,)  # noqa: E731
+    grid = lambda META: (triton.cdiv(N_q, META["BLOCK_M"]) * B * H,)  # noqa: E731
     with _device_guard(q):
         _launch("fwd", _attn_fwd_kernel, _attn_fwd_tuned, grid,
                 q, k, v, o, lse,
                 *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-                H, N, D, sm_scale, **meta)
+                H, N_q, N_kv, D, sm_scale, **meta)
     return o, lse
 
 
 def _flash_attn_backward(do, q, k, v, o, lse, sm_scale):
-    """Returns dq, dk, dv, each (B, H, N, D) contiguous in q's dtype."""
-    B, H, N, D = q.shape
-    dq = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)  # (B, H, N, D)
-    dkv = torch.empty((2, B, H, N, D), dtype=q.dtype, device=q.device)  # dK and dV, one layout
-    dk, dv = dkv[0], dkv[1]  # (B, H, N, D) each
-    if dq.numel() == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
-    delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)  # (B, H, N)
+    """Returns dq (B, H, N_q, D) and dk, dv (B, H, N_kv, D), contiguous, in q's dtype."""
+    B, H, N_q, D = q.shape
+    N_kv = k.shape[2]
+    dq = torch.empty((B, H, N_q, D), dtype=q.dtype, device=q.device)  # (B, H, N_q, D)
+    dkv = torch.empty((2, B, H, N_kv, D), dtype=q.dtype, device=q.device)  # dK and dV, one layout
+    dk, dv = dkv[0], dkv[1]  # (B, H, N_kv, D) each
+    if dq.numel() == 0:  # no queries (or no batch, heads, head dim): nothing flows back
+        return dq, dk.zero_(), dv.zero_()
+    delta = torch.empty((B, H, N_q), dtype=torch.float32, device=q.device)  # (B, H, N_q)
     meta = _kernel_meta(q)
     with _device_guard(q):
-        _attn_bwd_preprocess_kernel[(triton.cdiv(N, _PREPROCESS_BLOCK_M) * B * H,)](
-            o, do, delta, *o.stride(), *do.stride(), H, N, D,
+        _attn_bwd_preprocess_kernel[(triton.cdiv(N_q, _PREPROCESS_BLOCK_M) * B * H,)](
+            o, do, delta, *o.stride(), *do.stride(), H, N_q, D,
             BLOCK_M=_PREPROCESS_BLOCK_M, BLOCK_D=meta["BLOCK_D"])
         # The two kernels are independent given delta; each writes its outputs alone.
         _launch("dkdv", _attn_bwd_dkdv_kernel, _attn_bwd_dkdv_tuned,
-                lambda META: (triton.cdiv(N, META["BLOCK_N"]) * B * H,),
+                lambda META: (triton.cdiv(N_kv, META["BLOCK_N"]) * B * H,),
                 q, k, v, do, dk, dv, lse, delta,
                 *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
-                H, N, D, sm_scale, **meta)
+                H, N_q, N_kv, D, sm_scale, **meta)
         _launch("dq", _attn_bwd_dq_kernel, _attn_bwd_dq_tuned,
-                lambda META: (triton.cdiv(N, META["BLOCK_M"]) * B * H,),
+                lambda META: (triton.cdiv(N_q, META["BLOCK_M"]) * B * H,),
                 q, k, v, do, dq, lse, delta,
                 *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-                H, N, D, sm_scale, **meta)
+                H, N_q, N_kv, D, sm_scale, **meta)
     return dq, dk, dv
 
 
@@ -550,7 +548,7 @@ def _flash_attn_backward(do, q, k, v, o, lse, sm_scale):
 
 
 class FlashAttentionFunction(torch.autograd.Function):
-    """Saves q, k, v, o and the (B, H, N) logsumexp: O(N) extra memory instead of O(N^2)."""
+    """Saves q, k, v, o and the (B, H, N_q) logsumexp: O(N) extra memory instead of O(N^2)."""
 
     @staticmethod
     def forward(ctx, q, k, v, sm_scale):
@@ -573,17 +571,25 @@ def flash_attention(q, k, v, scale=None):
     scale=scale)`` without mask, dropout or causality.
 
     Args:
-        q, k, v: (B, H, N, D) tensors of one dtype (float16, bfloat16 or float32) on one
-            device, D <= 128. Any strides (e.g. views of a fused qkv projection).
-            CUDA tensors, or any device when TRITON_INTERPRET=1 (slow, for testing).
+        q: (B, H, N_q, D) queries.
+        k, v: (B, H, N_kv, D) keys and values; N_kv >= 1 may differ from N_q (cross-attention).
+            All three of one dtype (float16, bfloat16 or float32), on one device, D <= 128,
+            any strides (e.g. views of a fused qkv projection). CUDA tensors, or any device
+            when TRITON_INTERPRET=1 (slow, for testing).
         scale: softmax scale; defaults to D ** -0.5.
 
     Returns:
-        (B, H, N, D) tensor in q's dtype. Differentiable with respect to q, k and v.
+        (B, H, N_q, D) tensor in q's dtype. Differentiable with respect to q, k and v.
     """
-    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"q, k, v must all be (B, H, N, D); got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be 4-D (B, H, N, D); got {shapes}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape (B, H, N_kv, D); got {shapes}")
+    if k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
+        raise ValueError(f"k and v must match q in batch, heads and head dim; got {shapes}")
+    if k.shape[2] == 0:
+        raise ValueError(f"k and v need at least one key: a softmax over none is undefined; got {shapes}")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"flash_attention supports float16, bfloat16 and float32, not {q.dtype}")
     if k.dtype != q.dtype or v.dtype != q.dtype:
@@ -592,206 +598,8 @@ def flash_attention(q, k, v, scale=None):
         raise ValueError("q, k, v must be on the same device")
     if q.shape[-1] > MAX_HEAD_DIM:
         raise ValueError(f"head dim {q.shape[-1]} > {MAX_HEAD_DIM} is not supported")
-    if not q.is_cuda and not _interpreting():
+    if not q.is_cuda and not _INTERPRET:
         raise RuntimeError("flash_attention needs CUDA tensors (or TRITON_INTERPRET=1 set before "
                            "importing this module, to run the kernels on the CPU interpreter)")
     sm_scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     return FlashAttentionFunction.apply(q, k, v, sm_scale)
-
-
-# ---------------------------------------------------------------------------------------
-# Benchmark: python flash_attn_triton.py
-# ---------------------------------------------------------------------------------------
-
-
-_BENCH_SHAPES = [  # (workload, B, H, N, D)
-    ("DiT-S/2 256px", 32, 6, 256, 64),
-    ("DiT-XL/2 512px", 8, 16, 1024, 72),
-    ("N=4096", 4, 16, 4096, 64),
-    ("N=16384", 1, 16, 16384, 64),
-]
-
-
-def _math_attention(q, k, v):
-    """Attention with plain PyTorch ops (what a model does without a fused kernel)."""
-    attn = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, H, N, N)
-    return attn.softmax(dim=-1) @ v  # (B, H, N, D)
-
-
-def _bench_methods():
-    """(name, attention function, SDPA backend or None) for everything that is timed."""
-    import torch.nn.functional as F
-
-    methods = [("Triton (this file)", flash_attention, None)]
-    try:
-        from torch.nn.attention import SDPBackend
-    except ImportError:  # older PyTorch: only SDPA's own dispatch can be timed
-        methods.append(("SDPA (default)", F.scaled_dot_product_attention, None))
-    else:
-        for backend_name in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"):
-            backend = getattr(SDPBackend, backend_name, None)
-            if backend is not None:
-                methods.append((f"SDPA {backend_name}", F.scaled_dot_product_attention, backend))
-    methods.append(("math (PyTorch ops)", _math_attention, None))
-    return methods
-
-
-def _time_method(fn, backend, q, k, v, do):
-    """Median forward ms, median forward+backward ms, peak MiB of one forward+backward."""
-    from triton.testing import do_bench
-
-    if backend is not None:
-        from torch.nn.attention import sdpa_kernel
-
-        ctx = sdpa_kernel(backend)
-    else:
-        ctx = contextlib.nullcontext()
-
-    def fwd_bwd():
-        fn(q, k, v).backward(do)
-
-    with ctx:
-        with torch.no_grad():  # forward only: no autograd bookkeeping, nothing saved
-            fwd_ms = do_bench(lambda: fn(q, k, v), return_mode="median")
-        both_ms = do_bench(fwd_bwd, grad_to_none=[q, k, v], return_mode="median")
-        q.grad = k.grad = v.grad = None
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        fwd_bwd()
-        torch.cuda.synchronize()
-        peak_mib = torch.cuda.max_memory_allocated() / 2**20
-        q.grad = k.grad = v.grad = None
-    return fwd_ms, both_ms, peak_mib
-
-
-def _write_report(rows, gpu, out_dir):
-    """Markdown table (returned and written) and, if matplotlib is installed, a bar chart.
-
-    rows: (workload, shape, method, fwd_ms, fwd_tflops, both_ms, both_tflops, peak_mib),
-    with None in the numeric fields for a run that went out of memory.
-    """
-    import pathlib
-
-    def cell(x, fmt):
-        return "OOM" if x is None else format(x, fmt)
-
-    lines = [
-        "# Attention benchmark",
-        "",
-        f"GPU: {gpu}. torch {torch.__version__}, triton {triton.__version__}, bfloat16, non-causal.",
-        "Forward FLOPs = 4·B·H·N²·D, backward = 2.5 × forward. Times are medians of "
-        "`triton.testing.do_bench`. Peak memory is `torch.cuda.max_memory_allocated` over one "
-        "forward+backward, including the inputs, dO and the gradients. "
-        "Reproduce with `python flash_attn_triton.py`.",
-        "",
-        "| workload | shape | method | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | peak MiB |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
-    ]
-    for workload, shape, name, fwd_ms, fwd_tf, both_ms, both_tf, peak in rows:
-        lines.append(f"| {workload} | {shape} | {name} | {cell(fwd_ms, '.3f')} | {cell(fwd_tf, '.1f')} | "
-                     f"{cell(both_ms, '.3f')} | {cell(both_tf, '.1f')} | {cell(peak, '.0f')} |")
-    table = "\n".join(lines) + "\n"
-
-    out_dir = pathlib.Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "attention_benchmark.md").write_text(table, encoding="utf-8")
-    print(f"wrote {out_dir / 'attention_benchmark.md'}")
-
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # no display needed
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return table
-    workloads = list(dict.fromkeys(r[0] for r in rows))
-    names = list(dict.fromkeys(r[2] for r in rows))
-    width = 0.8 / max(len(names), 1)
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-    for ax, col, title in ((axes[0], 4, "forward"), (axes[1], 6, "forward + backward")):
-        for i, name in enumerate(names):
-            heights = []
-            for workload in workloads:
-                match = [r[col] for r in rows if r[0] == workload and r[2] == name]
-                heights.append(match[0] if match and match[0] is not None else 0.0)  # OOM/skipped: 0
-            xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(workloads))]
-            ax.bar(xs, heights, width, label=name)
-        ax.set_xticks(range(len(workloads)))
-        ax.set_xticklabels(workloads, fontsize=8)
-        ax.set_ylabel("TFLOP/s")
-        ax.set_title(f"{title}, bf16, {gpu}", fontsize=10)
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(names), fontsize=8)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))  # leave room for the legend under the plots
-    fig.savefig(out_dir / "attention_benchmark.png", dpi=120)
-    plt.close(fig)
-    print(f"wrote {out_dir / 'attention_benchmark.png'}")
-    return table
-
-
-def _benchmark():
-    import gc
-    import pathlib
-
-    import torch.nn.functional as F
-
-    if not torch.cuda.is_available():
-        print("This benchmark needs a CUDA GPU: it times compiled Triton kernels. Nothing to do here.")
-        return 0
-    if _interpreting():
-        print("TRITON_INTERPRET=1 is set: the kernels would run on the CPU interpreter. "
-              "Unset it to benchmark the compiled kernels.")
-        return 0
-
-    gpu = torch.cuda.get_device_name()
-    dtype = torch.bfloat16
-    methods = _bench_methods()
-    print(f"GPU: {gpu}; torch {torch.__version__}, triton {triton.__version__}; bf16")
-    print("The first Triton call for each shape autotunes its kernels: expect a few minutes.")
-    rows = []
-    for workload, B, H, N, D in _BENCH_SHAPES:
-        torch.manual_seed(0)
-        q, k, v, do = (torch.randn(B, H, N, D, device="cuda", dtype=dtype) for _ in range(4))  # (B, H, N, D)
-        for t in (q, k, v):
-            t.requires_grad_(True)
-        with torch.no_grad():  # correctness first: a fast wrong kernel is worthless
-            err = (flash_attention(q, k, v).float() - F.scaled_dot_product_attention(q, k, v).float()).abs().max()
-        print(f"{workload} (B={B}, H={H}, N={N}, D={D}): max |ours - SDPA| = {err.item():.2e}")
-        fwd_flops = 4 * B * H * N * N * D
-        both_flops = fwd_flops * (1 + 2.5)
-        shape = f"B={B} H={H} N={N} D={D}"
-        for name, fn, backend in methods:
-            result, skipped = None, None
-            try:
-                result = _time_method(fn, backend, q, k, v, do)
-            except torch.cuda.OutOfMemoryError:
-                pass  # result stays None: reported as OOM
-            except RuntimeError as exc:  # e.g. "No available kernel": backend can't run this shape
-                skipped = (str(exc).strip().splitlines() or ["?"])[0][:100]
-            # Out of the except block, so the traceback no longer pins the big tensors.
-            q.grad = k.grad = v.grad = None
-            gc.collect()
-            torch.cuda.empty_cache()
-            if skipped is not None:
-                print(f"  {name:22s} skipped: {skipped}")
-                continue
-            if result is None:
-                rows.append((workload, shape, name, None, None, None, None, None))
-                print(f"  {name:22s} OOM")
-                continue
-            fwd_ms, both_ms, peak = result
-            fwd_tf = fwd_flops / (fwd_ms * 1e-3) / 1e12
-            both_tf = both_flops / (both_ms * 1e-3) / 1e12
-            rows.append((workload, shape, name, fwd_ms, fwd_tf, both_ms, both_tf, peak))
-            print(f"  {name:22s} fwd {fwd_ms:8.3f} ms {fwd_tf:6.1f} TFLOP/s | fwd+bwd {both_ms:8.3f} ms "
-                  f"{both_tf:6.1f} TFLOP/s | peak {peak:9.1f} MiB")
-        del q, k, v, do
-        gc.collect()
-        torch.cuda.empty_cache()
-
-    print()
-    print(_write_report(rows, gpu, pathlib.Path(__file__).resolve().parent / "assets"))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(_benchmark())
