@@ -359,7 +359,7 @@ def _tolerance(dtype):
 
 def _rel_err(got, ref):
     # Floor of 0.1 on the magnitude (every nonzero reference here is above 0.5): dQ and dK
-    # are zero by construction when N = 1 (a softmax over one key is constant), and
+    # are zero by construction when N_kv = 1 (a softmax over one key is constant), and
     # rounding noise around zero must not count as a 100% relative error.
     return ((got.detach().double() - ref).abs().max() / ref.abs().max().clamp_min(0.1)).item()
 
@@ -367,64 +367,86 @@ def _rel_err(got, ref):
 def _reference(q, k, v, do, scale):
     """Output and gradients of softmax(q k^T * scale) v, computed in float64."""
     qd, kd, vd = (t.detach().double().requires_grad_(True) for t in (q, k, v))
-    attn = (qd @ kd.transpose(-2, -1)) * scale  # (B, H, N, N)
-    o = attn.softmax(dim=-1) @ vd  # (B, H, N, D)
+    attn = (qd @ kd.transpose(-2, -1)) * scale  # (B, H, N_q, N_kv)
+    o = attn.softmax(dim=-1) @ vd  # (B, H, N_q, D)
     o.backward(do.double())
     return o.detach(), qd.grad, kd.grad, vd.grad
 
 
-def _inputs(B, H, N, D, dtype, layout):
-    """Leaf tensor(s) to differentiate, and q, k, v (B, H, N, D) derived from them."""
+def _inputs(B, H, N_q, N_kv, D, dtype, layout):
+    """Leaf tensors to differentiate, and q (B, H, N_q, D), k, v (B, H, N_kv, D) derived from them."""
+    def leaf(*shape):
+        return torch.randn(*shape, device=DEVICE, dtype=dtype, requires_grad=True)
+
     if layout == "fused_qkv":
-        # As in a transformer block: one projection produces (B, N, 3, H, D); q, k, v are
-        # strided views of it, none of them contiguous.
-        qkv = torch.randn(B, N, 3, H, D, device=DEVICE, dtype=dtype, requires_grad=True)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, N, D)
-        return [qkv], (q, k, v)
-    q, k, v = (torch.randn(B, H, N, D, device=DEVICE, dtype=dtype, requires_grad=True) for _ in range(3))
+        # Self-attention in a transformer block: one projection produces (B, N, 3, H, D); q, k,
+        # v are strided views of it, none of them contiguous.
+        qkv = leaf(B, N_q, 3, H, D)
+        return [qkv], qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, N, D)
+    if layout == "fused_kv":
+        # Cross-attention: q from the image tokens (B, N_q, H, D), k and v from one projection
+        # of the condition tokens (B, N_kv, 2, H, D).
+        q, kv = leaf(B, N_q, H, D), leaf(B, N_kv, 2, H, D)
+        return [q, kv], (q.transpose(1, 2), *kv.permute(2, 0, 3, 1, 4).unbind(0))
+    q, k, v = leaf(B, H, N_q, D), leaf(B, H, N_kv, D), leaf(B, H, N_kv, D)
     return [q, k, v], (q, k, v)
 
 
-# Each value of N, D and dtype appears several times; the full cross product would be too
-# slow under the interpreter. N = 1 and 7 are shorter than every block, 196 (14 x 14
-# patches) and 257 (one past a power of two) leave ragged tails; D = 72 is not a power of two.
-CASES = [  # (B, H, N, D, dtype, layout)
-    (1, 2, 1, 16, torch.float32, "contiguous"),
-    (2, 2, 1, 128, torch.bfloat16, "contiguous"),
-    (2, 3, 7, 64, torch.float32, "contiguous"),
-    (1, 2, 7, 72, torch.float16, "contiguous"),
-    (2, 1, 7, 16, torch.bfloat16, "fused_qkv"),
-    (1, 2, 196, 72, torch.float32, "contiguous"),
-    (2, 1, 196, 128, torch.float16, "contiguous"),
-    (1, 2, 196, 64, torch.bfloat16, "fused_qkv"),
-    (1, 2, 257, 128, torch.float32, "fused_qkv"),
-    (2, 1, 257, 16, torch.float16, "fused_qkv"),
-    (1, 2, 257, 72, torch.bfloat16, "contiguous"),
+def _leaf_grads(leaves, layout):
+    """dq, dk, dv in (B, H, N, D) order, read back from the leaves' gradients."""
+    if layout == "fused_qkv":
+        return leaves[0].grad.permute(2, 0, 3, 1, 4).unbind(0)
+    if layout == "fused_kv":
+        return (leaves[0].grad.transpose(1, 2), *leaves[1].grad.permute(2, 0, 3, 1, 4).unbind(0))
+    return tuple(t.grad for t in leaves)
+
+
+# Each length, head dim and dtype appears several times; the full cross product would be too
+# slow under the interpreter (blocks of 32 and 64 there). Self-attention first: N = 1 and 7
+# are shorter than every block, 196 (14 x 14 patches) and 257 (one past a power of two)
+# leave ragged tails on both the query and the key side; D = 72 is not a power of two.
+# Then cross-attention: 16 or 257 image tokens attending to the 2 condition tokens of DiT's
+# cross-attention variant (a single key block, mostly padding), a lone key, and more keys
+# than queries with ragged tails on both sides.
+CASES = [  # (B, H, N_q, N_kv, D, dtype, layout)
+    (1, 2, 1, 1, 16, torch.float32, "contiguous"),
+    (2, 2, 1, 1, 128, torch.bfloat16, "contiguous"),
+    (2, 3, 7, 7, 64, torch.float32, "contiguous"),
+    (1, 2, 7, 7, 72, torch.float16, "contiguous"),
+    (2, 1, 7, 7, 16, torch.bfloat16, "fused_qkv"),
+    (1, 2, 196, 196, 72, torch.float32, "contiguous"),
+    (2, 1, 196, 196, 128, torch.float16, "contiguous"),
+    (1, 2, 196, 196, 64, torch.bfloat16, "fused_qkv"),
+    (1, 2, 257, 257, 128, torch.float32, "fused_qkv"),
+    (2, 1, 257, 257, 16, torch.float16, "fused_qkv"),
+    (1, 2, 257, 257, 72, torch.bfloat16, "contiguous"),
+    (2, 2, 16, 2, 64, torch.bfloat16, "contiguous"),
+    (1, 2, 257, 2, 72, torch.float16, "fused_kv"),
+    (2, 1, 7, 1, 16, torch.float32, "contiguous"),
+    (1, 2, 64, 200, 32, torch.bfloat16, "fused_kv"),
+    (1, 1, 100, 33, 128, torch.float32, "fused_kv"),
 ]
 
 
-@pytest.mark.parametrize("B,H,N,D,dtype,layout", CASES,
-                         ids=[f"B{c[0]}H{c[1]}N{c[2]}D{c[3]}-{str(c[4])[6:]}-{c[5]}" for c in CASES])
-def test_flash_attention_matches_float64_reference(B, H, N, D, dtype, layout):
+@pytest.mark.parametrize("B,H,N_q,N_kv,D,dtype,layout", CASES,
+                         ids=[f"B{c[0]}H{c[1]}N{c[2]}x{c[3]}D{c[4]}-{str(c[5])[6:]}-{c[6]}" for c in CASES])
+def test_flash_attention_matches_float64_reference(B, H, N_q, N_kv, D, dtype, layout):
     torch.manual_seed(0)
-    leaves, (q, k, v) = _inputs(B, H, N, D, dtype, layout)
-    # A non-contiguous upstream gradient for the fused case, as a (B, N, H, D) -> (B, H, N, D)
+    leaves, (q, k, v) = _inputs(B, H, N_q, N_kv, D, dtype, layout)
+    # A non-contiguous upstream gradient for the fused cases, as a (B, N, H, D) -> (B, H, N, D)
     # transpose in the model would produce; exercises the dO strides.
-    if layout == "fused_qkv":
-        do = torch.randn(B, N, H, D, device=DEVICE, dtype=dtype).transpose(1, 2)
+    if layout == "contiguous":
+        do = torch.randn(B, H, N_q, D, device=DEVICE, dtype=dtype)
     else:
-        do = torch.randn(B, H, N, D, device=DEVICE, dtype=dtype)
+        do = torch.randn(B, N_q, H, D, device=DEVICE, dtype=dtype).transpose(1, 2)
     scale = D ** -0.5
     ref_o, ref_dq, ref_dk, ref_dv = _reference(q, k, v, do, scale)
 
     o = flash_attention(q, k, v)
     o.backward(do)
-    if layout == "fused_qkv":  # the gradient reached the fused leaf through the views
-        dq, dk, dv = leaves[0].grad.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, N, D)
-    else:
-        dq, dk, dv = (t.grad for t in leaves)
+    dq, dk, dv = _leaf_grads(leaves, layout)
 
-    assert o.dtype == dtype and o.shape == (B, H, N, D)
+    assert o.dtype == dtype and o.shape == (B, H, N_q, D)
     tol = _tolerance(dtype)
     for name, got, ref in (("o", o, ref_o), ("dq", dq, ref_dq), ("dk", dk, ref_dk), ("dv", dv, ref_dv)):
         assert torch.isfinite(got).all(), name
@@ -461,11 +483,12 @@ def test_default_scale_dtype_and_shape(dtype):
 
 def test_logsumexp_is_stored_in_base_2():
     torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 2, 7, 16, device=DEVICE) for _ in range(3))
+    q = torch.randn(2, 2, 7, 16, device=DEVICE)
+    k, v = (torch.randn(2, 2, 3, 16, device=DEVICE) for _ in range(2))  # 3 keys for 7 queries
     scale = 0.3
     _, lse = flash_attn_triton._flash_attn_forward(q, k, v, scale)
     assert lse.dtype == torch.float32 and lse.shape == (2, 2, 7)
-    ref = torch.logsumexp(scale * (q.double() @ k.double().transpose(-2, -1)), dim=-1)  # (B, H, N)
+    ref = torch.logsumexp(scale * (q.double() @ k.double().transpose(-2, -1)), dim=-1)  # (B, H, N_q)
     torch.testing.assert_close(lse.double() * torch.log(torch.tensor(2.0, dtype=torch.float64)), ref,
                                rtol=1e-5, atol=1e-5)
 
@@ -484,6 +507,28 @@ def test_large_logits_stay_finite():
         assert _rel_err(g, r) < 10 * _tolerance(torch.float32)
 
 
+# The dK/dV kernel does compute the padded keys' rows (where this overflows, as numpy warns
+# under the interpreter) but never stores them; keys do not mix there.
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning",
+                            "ignore:invalid value encountered:RuntimeWarning")
+def test_padded_keys_stay_masked_when_every_score_is_very_negative():
+    # Every query scores about -24 against every real key, so lse is far below 0. A padded key
+    # (zero row past N_kv = 40) would score 0 and get P = exp(24) > fp16's maximum if the dQ
+    # kernel did not mask it: inf * 0 = NaN in dS K. The softmax itself is shift-invariant,
+    # so the reference is unremarkable.
+    torch.manual_seed(0)
+    k = (1 + 0.1 * torch.randn(1, 2, 40, 16, device=DEVICE)).half().requires_grad_(True)
+    q = (-6 + 0.1 * torch.randn(1, 2, 9, 16, device=DEVICE)).half().requires_grad_(True)
+    v = torch.randn(1, 2, 40, 16, device=DEVICE, dtype=torch.float16, requires_grad=True)
+    do = torch.randn(1, 2, 9, 16, device=DEVICE, dtype=torch.float16)
+    ref = _reference(q, k, v, do, 16 ** -0.5)
+    o = flash_attention(q, k, v)
+    got = (o, *torch.autograd.grad(o, (q, k, v), do))
+    for name, g, r in zip(("o", "dq", "dk", "dv"), got, ref):
+        assert torch.isfinite(g).all(), name
+        assert _rel_err(g, r) < _tolerance(torch.float16), name
+
+
 def test_backward_is_deterministic():
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 2, 40, 24, device=DEVICE, dtype=torch.float16, requires_grad=True)
@@ -497,10 +542,18 @@ def test_backward_is_deterministic():
 
 def test_rejects_invalid_inputs():
     q = torch.randn(1, 2, 8, 16, device=DEVICE)
-    with pytest.raises(ValueError):
-        flash_attention(q, q[:, :, :4], q)  # k shorter than q
-    with pytest.raises(ValueError):
-        flash_attention(q[0], q[0], q[0])  # not 4-D
+    kv = torch.randn(1, 2, 3, 16, device=DEVICE)
+    assert flash_attention(q, kv, kv).shape == q.shape  # fewer keys than queries is fine
+    for k, v, what in ((kv, q, "k and v must have the same shape"),
+                       (kv[:1, :1], kv[:1, :1], "match q in batch, heads and head dim"),  # heads
+                       (kv.expand(2, -1, -1, -1), kv.expand(2, -1, -1, -1), "match q"),  # batch
+                       (kv[..., :8], kv[..., :8], "match q"),  # head dim
+                       (kv[:, :, :0], kv[:, :, :0], "at least one key"),
+                       (q[0], q[0], "4-D")):
+        with pytest.raises(ValueError, match=what):
+            flash_attention(q, k, v)
+    with pytest.raises(ValueError, match="4-D"):
+        flash_attention(q[0], q[0], q[0])
     with pytest.raises(TypeError):
         flash_attention(q, q.half(), q)  # mixed dtypes
     with pytest.raises(TypeError):
