@@ -14,6 +14,7 @@ import torch
 if not torch.cuda.is_available():  # must happen before anything imports triton
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import inspect
 import json
 import math
 import signal
@@ -561,6 +562,72 @@ def test_rejects_invalid_inputs():
     with pytest.raises(ValueError):
         big = torch.randn(1, 1, 4, 256, device=DEVICE)
         flash_attention(big, big, big)  # head dim above the supported maximum
+
+
+
+def _compile_kernels_for_sm90():
+    """Compile each kernel for sm_90 (H100) without a GPU; (name, dtype, shared bytes) each.
+
+    Runs in a fresh process without TRITON_INTERPRET (see the test below), so everything
+    it needs is imported here.
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    import flash_attn_triton as fa
+
+    assert not fa._INTERPRET
+    # One configuration from each autotune list at the largest head dim (BLOCK_D = 128):
+    # big bf16 tiles as training uses them, and the fp32 forward (TF32 tensor cores) in
+    # small tiles. The preprocess kernel has no tl.dot and is not autotuned.
+    cases = [  # (kernel, dtype, block sizes, warps, stages)
+        (fa._attn_fwd_kernel, "bf16", {"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3),
+        (fa._attn_bwd_dkdv_kernel, "bf16", {"BLOCK_M": 64, "BLOCK_N": 128}, 8, 3),
+        (fa._attn_bwd_dq_kernel, "bf16", {"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3),
+        (fa._attn_bwd_preprocess_kernel, "bf16", {"BLOCK_M": 64}, 4, 1),
+        (fa._attn_fwd_kernel, "fp32", {"BLOCK_M": 64, "BLOCK_N": 32}, 4, 3),
+    ]
+    results = []
+    for kernel, dtype, blocks, warps, stages in cases:
+        constexprs = {**blocks, "BLOCK_D": 128}
+        if "DOT_PRECISION" in kernel.arg_names:
+            constexprs["DOT_PRECISION"] = "tf32"
+        types = {}  # Triton's type for every argument
+        for name in kernel.arg_names:
+            if name in constexprs:
+                types[name] = "constexpr"
+            elif name in ("LSE", "DELTA"):
+                types[name] = "*fp32"
+            elif name == "sm_scale":
+                types[name] = "fp32"
+            elif name.startswith("stride") or name in ("H", "N_Q", "N_KV", "D"):
+                types[name] = "i32"
+            else:  # Q, K, V, O and their gradients
+                types[name] = "*" + dtype
+        src = ASTSource(fn=kernel, signature=types,
+                        constexprs={(kernel.arg_names.index(n),): v for n, v in constexprs.items()})
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 64),
+                                  options={"num_warps": warps, "num_stages": stages})
+        results.append((kernel.__name__, dtype, compiled.metadata.shared))
+    return results
+
+
+def test_kernels_compile_for_hopper():
+    # The interpreter runs the kernels as Python, so it never meets what only the compiler
+    # checks: types, tl.dot shapes, the constexpr branch in _mma, shared memory. Triton can
+    # compile for a GPU it does not have. That needs a process where neither Triton nor the
+    # kernels were set up for the interpreter, so the function above runs in a fresh one.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = inspect.getsource(_compile_kernels_for_sm90) + "\nprint(json.dumps(_compile_kernels_for_sm90()))"
+    proc = subprocess.run([sys.executable, "-c", "import json\n" + code], env=env, cwd=Path(__file__).parent,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(results) == 5
+    for name, dtype, shared in results:
+        # 227 KiB is the most shared memory one thread block may use on an H100.
+        assert 0 < shared <= 227 * 1024, (name, dtype, shared)
 
 # -----------------------------------------------------------------------------
 # Data (dataset.py): class folders, bad input, the built-in shapes set
