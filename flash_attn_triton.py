@@ -435,13 +435,14 @@ def _configs(row_blocks, loop_blocks, rows_name, loop_name):
 
 def _prune_by_length(configs, named_args, **kwargs):
     """Drop configs whose blocks are much longer than the sequences (pure padding work)."""
-    lengths = {**kwargs, **named_args}
+    args = {**kwargs, **named_args}
+
+    def cap(block, length):  # never below the smallest candidate, so something always stays
+        return max(triton.next_power_of_2(args[length]), min(c.kwargs[block] for c in configs))
+
     # BLOCK_M always tiles the queries and BLOCK_N the keys, whichever of them a program owns.
-    caps = {"BLOCK_M": triton.next_power_of_2(lengths["N_Q"]), "BLOCK_N": triton.next_power_of_2(lengths["N_KV"])}
-    for name in caps:  # never prune below the smallest candidate
-        caps[name] = max(caps[name], min(c.kwargs[name] for c in configs))
-    kept = [c for c in configs if all(c.kwargs[name] <= cap for name, cap in caps.items())]
-    return kept or configs
+    cap_m, cap_n = cap("BLOCK_M", "N_Q"), cap("BLOCK_N", "N_KV")
+    return [c for c in configs if c.kwargs["BLOCK_M"] <= cap_m and c.kwargs["BLOCK_N"] <= cap_n]
 
 
 def _autotuned(kernel, configs):

@@ -530,6 +530,19 @@ def test_padded_keys_stay_masked_when_every_score_is_very_negative():
         assert _rel_err(g, r) < _tolerance(torch.float16), name
 
 
+def test_autotune_keeps_only_blocks_that_fit_the_sequences():
+    # GPU-only code, but plain Python: BLOCK_M must be capped by the queries and BLOCK_N by the
+    # keys, in the dK/dV kernel too, where a program owns keys and loops over queries.
+    for tuned in (flash_attn_triton._attn_fwd_tuned, flash_attn_triton._attn_bwd_dkdv_tuned):
+        blocks_m = {c.kwargs["BLOCK_M"] for c in tuned.configs}
+        blocks_n = {c.kwargs["BLOCK_N"] for c in tuned.configs}
+        cross = flash_attn_triton._prune_by_length(tuned.configs, {"N_Q": 1024, "N_KV": 2})
+        assert {c.kwargs["BLOCK_N"] for c in cross} == {min(blocks_n)}  # 2 keys: the smallest block
+        assert {c.kwargs["BLOCK_M"] for c in cross} == blocks_m  # 1024 queries: any query block
+        long = flash_attn_triton._prune_by_length(tuned.configs, {"N_Q": 4096, "N_KV": 4096})
+        assert len(long) == len(tuned.configs)
+
+
 def test_backward_is_deterministic():
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 2, 40, 24, device=DEVICE, dtype=torch.float16, requires_grad=True)

@@ -143,7 +143,8 @@ def report(rows, gpu):
                      f"{cell(both_ms, '.3f')} | {cell(both_tf, '.1f')} | {cell(peak, '.0f')} |")
 
     lines += ["", "Ours relative to the fastest SDPA backend for each shape (> 1: ours is faster).", "",
-              "| workload | fwd: ours / best SDPA | best SDPA fwd | fwd+bwd: ours / best SDPA | best SDPA fwd+bwd |",
+              "| workload | fwd: ours / best SDPA | best SDPA fwd "
+              "| fwd+bwd: ours / best SDPA | best SDPA fwd+bwd |",
               "|---|---:|---|---:|---|"]
     for workload in dict.fromkeys(r[0] for r in rows):
         cells = []
