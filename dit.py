@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from torch.utils.flop_counter import FlopCounterMode
 
 ATTENTION_BACKENDS = ("auto", "triton", "sdpa", "math")
 CONDITIONINGS = ("adaln-zero", "adaln", "cross-attn", "in-context")
@@ -105,24 +106,20 @@ def _triton_imports():
 
 def _triton_runs(q, k, v):
     """One trial of the kernel on copies of q, k, v: the forward, and the backward when gradients
-    will be needed, since the backward kernels compile (and can fail) separately."""
+    will be needed, since the backward kernels compile (and can fail) separately. The trial's own
+    graph keeps its tensors plainly, out of reach of gradient checkpointing's saved-tensor hooks."""
     try:
-        q, k, v = (t.detach().requires_grad_(t.requires_grad) for t in (q, k, v))
-        out = _flash_attention()(q, k, v)
-        if out.requires_grad:
-            out.sum().backward()
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            q, k, v = (t.detach().requires_grad_(t.requires_grad) for t in (q, k, v))
+            out = _flash_attention()(q, k, v)
+            if out.requires_grad:
+                out.sum().backward()
         return True
     except Exception as err:
         warnings.warn(f"attention 'auto': the Triton kernel failed for q {tuple(q.shape)}, k/v "
                       f"{tuple(k.shape)}, {q.dtype} ({type(err).__name__}: {err}); SDPA computes "
                       "this shape instead", stacklevel=4)
         return False
-
-
-def split_heads(x, num_heads):
-    """(B, N, C) -> (B, H, N, C/H)."""
-    B, N, C = x.shape
-    return x.reshape(B, N, num_heads, C // num_heads).transpose(1, 2)
 
 
 class Attention(nn.Module):
@@ -157,11 +154,12 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, context):
-        B, N, C = x.shape
-        q = split_heads(self.q(x), self.num_heads)                          # (B, H, N, D)
-        k, v = (split_heads(z, self.num_heads) for z in self.kv(context).chunk(2, dim=-1))  # (B, H, M, D) each
-        x = attention(q, k, v, self.backend)                                # (B, H, N, D)
-        return self.proj(x.transpose(1, 2).reshape(B, N, C))                # (B, N, C)
+        (B, N, C), M, H = x.shape, context.shape[1], self.num_heads
+        q = self.q(x).reshape(B, N, H, C // H).transpose(1, 2)                       # (B, H, N, D)
+        kv = self.kv(context).reshape(B, M, 2, H, C // H)                            # (B, M, 2, H, D)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)                                  # 2 x (B, H, M, D)
+        x = attention(q, k, v, self.backend)                                         # (B, H, N, D)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))                         # (B, N, C)
 
 
 class Mlp(nn.Module):
@@ -262,7 +260,8 @@ class DiTBlock(nn.Module):
         travel through it as two extra tokens of x.
     """
 
-    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, attn_backend="auto", conditioning="adaln-zero"):
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, attn_backend="auto",
+                 conditioning="adaln-zero"):
         super().__init__()
         self.conditioning = conditioning
         adaptive = conditioning in ("adaln-zero", "adaln")  # c supplies the norms' scale and shift
@@ -274,25 +273,26 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         if adaptive:
             num_vectors = 6 if conditioning == "adaln-zero" else 4
-            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, num_vectors * hidden_size))
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(),
+                                                  nn.Linear(hidden_size, num_vectors * hidden_size))
 
     def forward(self, x, c):
-        """x: (N, T, D) tokens. c: (N, D) for the adaLN variants, the (N, 2, D) tokens [t; y] for
-        cross-attention, None in-context (t and y are tokens of x already)."""
+        """x: (N, T, D) tokens, returned as (N, T, D). c: (N, D) for the adaLN variants, the
+        (N, 2, D) tokens [t; y] for cross-attention, None in-context (t and y are in x already)."""
         if self.conditioning == "adaln-zero":
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-                self.adaLN_modulation(c).chunk(6, dim=1))                                            # 6 x (N, D)
-            x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))  # (N, T, D)
-            x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))   # (N, T, D)
+                self.adaLN_modulation(c).chunk(6, dim=1))                                       # 6 x (N, D)
+            x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+            x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         elif self.conditioning == "adaln":
-            shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation(c).chunk(4, dim=1)   # 4 x (N, D)
-            x = x + self.attn(modulate(self.norm1(x), shift_msa, scale_msa))                        # (N, T, D)
-            x = x + self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))                         # (N, T, D)
+            shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation(c).chunk(4, dim=1)  # 4 x (N,D)
+            x = x + self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+            x = x + self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         else:  # "cross-attn" and "in-context": a standard ViT block
-            x = x + self.attn(self.norm1(x))                                                        # (N, T, D)
+            x = x + self.attn(self.norm1(x))
             if self.conditioning == "cross-attn":
-                x = x + self.cross_attn(x, c)                                                       # (N, T, D)
-            x = x + self.mlp(self.norm2(x))                                                         # (N, T, D)
+                x = x + self.cross_attn(x, c)  # the image tokens read [t; y]
+            x = x + self.mlp(self.norm2(x))
         return x
 
 
@@ -326,7 +326,8 @@ class DiT(nn.Module):
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28,
                  num_heads=16, mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000,
-                 learn_sigma=True, *, conditioning="adaln-zero", attn_backend="auto", grad_checkpointing=False):
+                 learn_sigma=True, *, conditioning="adaln-zero", attn_backend="auto",
+                 grad_checkpointing=False):
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not a multiple of patch_size {patch_size}")
@@ -454,26 +455,24 @@ DiT_configs = {
     "DiT-Ti/2": (6, 192, 3, 2),    "DiT-Ti/4": (6, 192, 3, 4),    "DiT-Ti/8": (6, 192, 3, 8),
     "DiT-Mi/2": (2, 64, 2, 2),     "DiT-Mi/4": (2, 64, 2, 4),     "DiT-Mi/8": (2, 64, 2, 8),
 }
-DiT_models = {name: functools.partial(DiT, depth=depth, hidden_size=hidden, num_heads=heads, patch_size=patch)
-              for name, (depth, hidden, heads, patch) in DiT_configs.items()}
+DiT_models = {name: functools.partial(DiT, depth=d, hidden_size=h, num_heads=n, patch_size=p)
+              for name, (d, h, n, p) in DiT_configs.items()}
 
 
 def forward_gmacs(model):
-    """Forward cost of one image in billions of multiply-accumulates, counted as the paper's
-    "Gflops" are (Tables 1 and 4; one multiply-add is one flop): every matrix product, plus one
-    operation per LayerNorm element. The LayerNorm term (2 T D per block) is what brings pure
-    matmul counts to the printed figures, e.g. DiT-XL/2's 118.62 to 118.64. Cheap for any size
-    when the model lives on the meta device."""
-    from torch.utils.flop_counter import FlopCounterMode
-    device = model.pos_embed.device
-    x = torch.zeros(1, model.in_channels, model.input_size, model.input_size, device=device)
-    t = y = torch.zeros(1, dtype=torch.long, device=device)
+    """Forward cost of one image in billions of multiply-accumulates, counted as the paper counts
+    its "Gflops" (Tables 1 and 4, one multiply-add being one flop): every matrix product, plus one
+    per LayerNorm element. That last term, 2 T D per block, is what lifts the pure matmul count to
+    the printed figures (DiT-XL/2: 118.62 -> 118.64). Cheap at any size on the meta device."""
+    p = model.pos_embed
+    x = torch.zeros(1, model.in_channels, model.input_size, model.input_size, device=p.device, dtype=p.dtype)
+    t = y = torch.zeros(1, dtype=torch.long, device=p.device)
     norm_elements = []
     hooks = [m.register_forward_hook(lambda m, inputs, out: norm_elements.append(out.numel()))
              for m in model.modules() if isinstance(m, nn.LayerNorm)]
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(x.to(model.pos_embed.dtype), t, y)
+            model(x, t, y)
     finally:
         for hook in hooks:
             hook.remove()

@@ -132,7 +132,7 @@ def test_attention_layout_matches_torch_multihead_attention():
 
 
 # -----------------------------------------------------------------------------
-# Model: adaLN-Zero initialisation and guidance
+# Model: initialisation and classifier-free guidance
 # -----------------------------------------------------------------------------
 
 def test_fresh_model_outputs_zero_and_blocks_are_identity():
@@ -259,6 +259,20 @@ def test_auto_falls_back_when_only_the_backward_kernel_fails(pretend_gpu, monkey
     torch.testing.assert_close(q.grad, ref[0].grad)
     with torch.no_grad():  # without gradients the forward kernel still serves this shape
         torch.testing.assert_close(dit.attention(q, k, v, "auto"), F.scaled_dot_product_attention(q, k, v) + 1)
+
+
+def test_auto_trial_run_survives_gradient_checkpointing(pretend_gpu, monkeypatch):
+    """The first call of a shape tries the kernel's backward inside the model's forward; under
+    gradient checkpointing that trial must stay out of the checkpoint's saved tensors."""
+    monkeypatch.setattr(flash_attn_triton, "flash_attention", lambda q, k, v: dit.attention(q, k, v, "math"))
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 4])
+    grads = []
+    for checkpointing in (True, False):
+        torch.manual_seed(1)
+        model = randomize(tiny_model(grad_checkpointing=checkpointing))
+        model(x, t, y).square().sum().backward()
+        grads.append(model.blocks[0].attn.qkv.weight.grad)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
 
 
 def test_auto_warns_once_when_triton_cannot_be_imported(pretend_gpu, monkeypatch):

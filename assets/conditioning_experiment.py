@@ -49,7 +49,8 @@ def train_design(design, args, train_argv):
 
 
 def judge(design, args, cfg_scale, device):
-    """Share of samples the classifier recognises, and one grid of samples per class."""
+    """Share of samples the classifier recognises, and one grid of samples per class, both with the
+    guidance scale the run was trained to show (train.py's --cfg-scale)."""
     run = str(Path(args.runs) / design)
     recognised = evaluate.main(["--ckpt", run, "--num", str(args.num), "--cfg-scale", str(cfg_scale)])
     model, diffusion, classes = sample.load_model(run, device)
@@ -62,10 +63,11 @@ def judge(design, args, cfg_scale, device):
 
 def write_table(rows, args, num_classes):
     lines = [
-        f"Four conditioning designs, `--preset {args.preset}`, {args.steps} steps each, same data and seed "
+        f"{len(rows)} conditioning designs, `--preset {args.preset}`, {args.steps} steps each, same data and seed "
         f"(`python assets/conditioning_experiment.py`). Recognised: share of {args.num} DDIM-50 samples per "
         f"class that assets/evaluate.py's classifier assigns to their class (chance {100 / num_classes:.1f}%). "
-        "Final loss: the training loss (as train.py weights it) over the last log interval. One seed. "
+        "Final loss: the training loss (as train.py weights it) over the last log interval. Train time: "
+        "train.py's wall time, its closing sample grid included. One seed. "
         "The last three columns are the paper's Table 4 (DiT-XL/2, ImageNet 256, FID-50K at 400K steps).",
         "",
         "| design | params | GMACs / image | final loss | recognised | train time "
@@ -105,8 +107,7 @@ def main(argv=None):
         state = train.load_checkpoint(Path(args.runs) / design)
         with torch.device("meta"):  # counting costs no memory and no compute
             gmacs = dit.forward_gmacs(train.build_model(state["model_args"], attn_backend="math"))
-        cfg_scale = state["config"]["cfg_scale"] if state["config"]["class_dropout"] > 0 else 1.0
-        recognised, num_classes = judge(design, args, cfg_scale, device)
+        recognised, num_classes = judge(design, args, state["config"]["cfg_scale"], device)
         rows[design] = dict(summary, gmacs=gmacs, recognised=recognised)
     write_table(rows, args, num_classes)
     return rows
