@@ -386,6 +386,26 @@ def test_each_design_is_conditioned_on_t_and_y_per_sample(conditioning):
 
 
 @pytest.mark.parametrize("conditioning", dit.CONDITIONINGS)
+def test_each_design_returns_every_patch_to_its_place(conditioning):
+    """With every residual branch silenced, each block is the identity, so an output patch can only
+    depend on its own input patch: a model that dropped the wrong tokens (in-context), or shuffled
+    them, would move a change elsewhere."""
+    torch.manual_seed(0)
+    model = randomize(tiny_model(conditioning=conditioning)).eval()
+    with torch.no_grad():
+        for name, p in model.blocks.named_parameters():
+            if name.split(".")[-2] in ("proj", "fc2"):  # the last layer of each branch
+                p.zero_()
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([10, 900]), torch.tensor([1, 3])
+    x2 = x.clone()
+    x2[:, :, 4:6, 2:4] += 1  # one 2x2 patch, the 11th of 16
+    changed = (model(x2, t, y) - model(x, t, y)).abs().amax(dim=(0, 1)) > 1e-6  # (8, 8)
+    expected = torch.zeros(8, 8, dtype=torch.bool)
+    expected[4:6, 2:4] = True
+    assert torch.equal(changed, expected)
+
+
+@pytest.mark.parametrize("conditioning", dit.CONDITIONINGS)
 def test_conditioning_travels_in_the_checkpoint(conditioning, tiny_data, tmp_path):
     """train.py --conditioning NAME saves it in model_args; sampling rebuilds that design, guided."""
     train.main(tiny_args(tiny_data, tmp_path / "run", 2, "--conditioning", conditioning))
