@@ -36,6 +36,8 @@ class TrainConfig:
     model: str = option("DiT-Ti/4", "a preset of dit.DiT_models")
     learn_sigma: bool = option(False, "also learn the reverse variance (Improved DDPM hybrid loss)")
     class_dropout: float = option(0.1, "probability of the null label in training (for guidance)")
+    conditioning: str = option("adaln-zero", "how blocks see t and y (DiT Sec. 3.2, Table 4)",
+                               ("adaln-zero", "adaln", "cross-attn", "in-context"))
     attn: str = option("auto", "attention backend", ("auto", "triton", "sdpa", "math"))
     grad_checkpointing: bool = option(False, "recompute each block in the backward pass to save memory")
     # diffusion

@@ -3,65 +3,123 @@ DiT: a Diffusion Transformer and the diffusion process it is trained with, in on
 
 Peebles & Xie, "Scalable Diffusion Models with Transformers" (ICCV 2023), arXiv:2212.09748.
 A DiT is a plain Vision Transformer that denoises: the noisy image is cut into patches (tokens),
-the timestep t and the class label y are embedded into one conditioning vector c, and every block
-is modulated by c through adaptive LayerNorm whose gates start at zero ("adaLN-Zero"), so each
-block begins life as the identity. A final layer turns tokens back into patches: the predicted
-noise (and, with learn_sigma, the interpolation between the two variance bounds).
+the timestep t and the class label y are embedded, and every block is conditioned on them. The
+paper compares four ways to do that (Sec. 3.2, Fig. 3, Table 4), all four built here by one block
+class: t and y as two extra tokens ("in-context"), as a sequence the image tokens attend to
+("cross-attn"), or as c = t + y setting the LayerNorms' scale and shift ("adaln"), plus a gate on
+each residual branch that starts at zero, so each block begins life as the identity ("adaln-zero",
+the paper's choice and the default). A final layer turns tokens back into patches: the prediction
+(and, with learn_sigma, the interpolation between the two variance bounds).
 
 Read it top to bottom:
-    attention (three interchangeable backends) -> embedders (patches, timesteps, labels)
-    -> adaLN-Zero block -> final layer -> DiT -> 2-D sin-cos positions -> presets
-    -> the Gaussian diffusion process (Ho et al. 2020, Nichol & Dhariwal 2021, Song et al. 2021).
+    attention (three interchangeable backends; self- and cross-attention) -> embedders (patches,
+    timesteps, labels) -> the block, four ways -> final layer -> DiT -> 2-D sin-cos positions
+    -> presets -> the Gaussian diffusion process (Ho et al. 2020, Nichol & Dhariwal 2021,
+    Song et al. 2021) -> classifier-free guidance (Ho & Salimans 2022).
 
-The state dict uses the reference layout (facebookresearch/DiT), so its released checkpoints load
-with `model.load_state_dict(state_dict, strict=True)`. torch only: no timm, no numpy.
+With conditioning="adaln-zero" the state dict uses the reference layout (facebookresearch/DiT),
+so its released checkpoints load with `model.load_state_dict(state_dict, strict=True)`.
+torch only: no timm, no numpy.
 
     python -c "import dit, torch; m = dit.DiT_models['DiT-S/2'](); print(m(torch.randn(1, 4, 32, 32), torch.tensor([10]), torch.tensor([3])).shape)"
 """
 
 import functools
 import math
+import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from torch.utils.flop_counter import FlopCounterMode
 
 ATTENTION_BACKENDS = ("auto", "triton", "sdpa", "math")
+CONDITIONINGS = ("adaln-zero", "adaln", "cross-attn", "in-context")
 
 
 # -----------------------------------------------------------------------------
 # Attention: softmax(Q K^T / sqrt(d)) V, three ways
 # -----------------------------------------------------------------------------
 
-@functools.cache
-def _triton_flash_attention():
-    """Our FlashAttention kernel, or None when Triton (or a working Triton) is not installed."""
-    try:
-        from flash_attn_triton import flash_attention
-    except Exception:  # ImportError, or a Triton that fails while initialising
-        return None
-    return flash_attention
-
-
 def attention(q, k, v, backend="auto"):
-    """Non-causal multi-head attention over (B, H, N, D) tensors; returns (B, H, N, D)."""
+    """Non-causal multi-head attention: q (B, H, N, D) attends to k, v (B, H, M, D), M keys
+    (M = N in self-attention, M = 2 in cross-attention to t and y); returns (B, H, N, D).
+    "auto" is our Triton kernel on a GPU and SDPA elsewhere (see _auto_uses_triton)."""
     if backend == "auto":
-        use_triton = q.is_cuda and _triton_flash_attention() is not None
-        backend = "triton" if use_triton else "sdpa"
+        backend = "triton" if _auto_uses_triton(q, k, v) else "sdpa"
     if backend == "math":
-        # Written out for readers: the (N, N) score matrix is materialised, which is exactly
+        # Written out for readers: the (N, M) score matrix is materialised, which is exactly
         # what FlashAttention avoids. Softmax in fp32 keeps bf16/fp16 runs stable.
-        scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, H, N, N)
+        scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, H, N, M)
         return scores.float().softmax(dim=-1).to(v.dtype) @ v     # (B, H, N, D)
     if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v)
     if backend == "triton":
-        flash_attention = _triton_flash_attention()
-        if flash_attention is None:
-            raise RuntimeError("attention backend 'triton' needs the triton package; use 'sdpa'")
-        return flash_attention(q, k, v)
+        return _flash_attention()(q, k, v)
     raise ValueError(f"unknown attention backend {backend!r}; choose from {ATTENTION_BACKENDS}")
+
+
+def _flash_attention():
+    """Our FlashAttention kernel (flash_attn_triton.py), imported on first use: Triton is optional."""
+    try:
+        from flash_attn_triton import flash_attention
+    except Exception as err:  # ImportError, or a Triton that fails while initialising
+        raise RuntimeError(f"the Triton kernel cannot be imported ({type(err).__name__}: {err})") from err
+    return flash_attention
+
+
+# What "auto" learned about the Triton kernel in this process: {(q shape, k shape, dtype, grad):
+# whether it ran}. Module-level, like Triton's own compile cache: it describes this machine's
+# Triton and GPU, not any one model.
+_triton_works = {}
+
+
+def _on_gpu(q):
+    """Where "auto" tries the Triton kernel (a function, so that the CPU tests can pretend)."""
+    return q.is_cuda
+
+
+def _auto_uses_triton(q, k, v):
+    """Backend "auto" uses our kernel on a GPU unless Triton cannot be imported, or the kernel
+    fails to compile or launch for this shape. Each failure warns once, naming the error, and
+    SDPA takes over that shape for the rest of the process: a kernel problem costs speed, not
+    the run. An explicit backend="triton" raises instead."""
+    if not _on_gpu(q):
+        return False
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    key = (tuple(q.shape), tuple(k.shape), q.dtype, needs_grad)
+    if key not in _triton_works:
+        _triton_works[key] = _triton_imports() and _triton_runs(q, k, v)
+    return _triton_works[key]
+
+
+@functools.cache  # tried, and warned about, once per process
+def _triton_imports():
+    try:
+        _flash_attention()
+        return True
+    except RuntimeError as err:
+        warnings.warn(f"attention 'auto': {err}; SDPA computes every shape instead", stacklevel=4)
+        return False
+
+
+def _triton_runs(q, k, v):
+    """One trial of the kernel on copies of q, k, v: the forward, and the backward when gradients
+    will be needed, since the backward kernels compile (and can fail) separately. The trial's own
+    graph keeps its tensors plainly, out of reach of gradient checkpointing's saved-tensor hooks."""
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            q, k, v = (t.detach().requires_grad_(t.requires_grad) for t in (q, k, v))
+            out = _flash_attention()(q, k, v)
+            if out.requires_grad:
+                out.sum().backward()
+        return True
+    except Exception as err:
+        warnings.warn(f"attention 'auto': the Triton kernel failed for q {tuple(q.shape)}, k/v "
+                      f"{tuple(k.shape)}, {q.dtype} ({type(err).__name__}: {err}); SDPA computes "
+                      "this shape instead", stacklevel=4)
+        return False
 
 
 class Attention(nn.Module):
@@ -81,6 +139,27 @@ class Attention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                         # 3 x (B, H, N, D)
         x = attention(q, k, v, self.backend)                                   # (B, H, N, D)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))                   # (B, N, C)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention from N tokens (the queries) to M others (keys and values): the image
+    tokens read the condition tokens. As in the Transformer decoder, without its LayerNorm."""
+
+    def __init__(self, dim, num_heads, backend="auto"):
+        super().__init__()
+        self.num_heads = num_heads
+        self.backend = backend
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, context):
+        (B, N, C), M, H = x.shape, context.shape[1], self.num_heads
+        q = self.q(x).reshape(B, N, H, C // H).transpose(1, 2)                       # (B, H, N, D)
+        kv = self.kv(context).reshape(B, M, 2, H, C // H)                            # (B, M, 2, H, D)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)                                  # 2 x (B, H, M, D)
+        x = attention(q, k, v, self.backend)                                         # (B, H, N, D)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))                         # (B, N, C)
 
 
 class Mlp(nn.Module):
@@ -159,7 +238,7 @@ class LabelEmbedder(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Core DiT model: adaLN-Zero blocks and the final layer
+# Core DiT model: the block in the paper's four conditioning designs, and the final layer
 # -----------------------------------------------------------------------------
 
 def modulate(x, shift, scale):
@@ -168,58 +247,94 @@ def modulate(x, shift, scale):
 
 
 class DiTBlock(nn.Module):
-    """A transformer block conditioned on c by adaLN-Zero (the paper's Fig. 3, right).
+    """A pre-norm transformer block (self-attention, then an MLP), conditioned in one of the
+    paper's four ways (Sec. 3.2, Fig. 3); only the lines marked by `conditioning` differ:
 
-    c regresses six vectors: shift/scale for each of the two LayerNorms (which have no weights of
-    their own) and a gate on each residual branch. The regression layer starts at zero, so every
-    gate is zero and the block is the identity at initialisation.
+    "adaln-zero": c = t + y regresses six vectors: shift and scale for each LayerNorm (which has
+        no weights of its own) and a gate on each residual branch. The regression layer starts
+        at zero, so every gate is zero and the block is the identity at initialisation.
+    "adaln":      the same without the gates: four vectors, ordinary initialisation.
+    "cross-attn": a standard ViT block plus multi-head cross-attention after self-attention,
+        from the image tokens to the two tokens [t; y].
+    "in-context": a standard ViT block (LayerNorms with their own scale and shift); t and y
+        travel through it as two extra tokens of x.
     """
 
-    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, attn_backend="auto"):
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, attn_backend="auto",
+                 conditioning="adaln-zero"):
         super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.conditioning = conditioning
+        adaptive = conditioning in ("adaln-zero", "adaln")  # c supplies the norms' scale and shift
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=not adaptive, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads, backend=attn_backend)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        if conditioning == "cross-attn":
+            self.cross_attn = CrossAttention(hidden_size, num_heads, backend=attn_backend)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=not adaptive, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+        if adaptive:
+            num_vectors = 6 if conditioning == "adaln-zero" else 4
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(),
+                                                  nn.Linear(hidden_size, num_vectors * hidden_size))
 
     def forward(self, x, c):
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-            self.adaLN_modulation(c).chunk(6, dim=1))                                       # 6 x (N, D)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))  # (N, T, D)
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))   # (N, T, D)
+        """x: (N, T, D) tokens, returned as (N, T, D). c: (N, D) for the adaLN variants, the
+        (N, 2, D) tokens [t; y] for cross-attention, None in-context (t and y are in x already)."""
+        if self.conditioning == "adaln-zero":
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+                self.adaLN_modulation(c).chunk(6, dim=1))                                       # 6 x (N, D)
+            x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+            x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        elif self.conditioning == "adaln":
+            shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation(c).chunk(4, dim=1)  # 4 x (N,D)
+            x = x + self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+            x = x + self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        else:  # "cross-attn" and "in-context": a standard ViT block
+            x = x + self.attn(self.norm1(x))
+            if self.conditioning == "cross-attn":
+                x = x + self.cross_attn(x, c)  # the image tokens read [t; y]
+            x = x + self.mlp(self.norm2(x))
         return x
 
 
 class FinalLayer(nn.Module):
-    """adaLN (shift and scale, no gate) then a Linear from each token to its p*p*C_out patch."""
+    """LayerNorm, then a Linear from each token to its p*p*C_out patch values. Adaptive where the
+    blocks are (shift and scale from c, no gate), a plain LayerNorm in the other two designs."""
 
-    def __init__(self, hidden_size, patch_size, out_channels):
+    def __init__(self, hidden_size, patch_size, out_channels, adaptive=True):
         super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.adaptive = adaptive
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=not adaptive, eps=1e-6)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+        if adaptive:
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
     def forward(self, x, c):
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # 2 x (N, D)
-        return self.linear(modulate(self.norm_final(x), shift, scale))  # (N, T, p*p*C_out)
+        x = self.norm_final(x)                                       # (N, T, D)
+        if self.adaptive:
+            shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # 2 x (N, D)
+            x = modulate(x, shift, scale)
+        return self.linear(x)                                        # (N, T, p*p*C_out)
 
 
 class DiT(nn.Module):
     """Diffusion model with a Transformer backbone.
 
-    Argument names follow the paper's code. Ours, keyword only: attn_backend (see attention())
-    and grad_checkpointing (keep only block inputs; recompute each block in the backward pass).
+    Argument names follow the paper's code. Ours, keyword only: conditioning (one of
+    CONDITIONINGS, see DiTBlock), attn_backend (see attention()) and grad_checkpointing (keep only
+    block inputs; recompute each block in the backward pass).
     """
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28,
                  num_heads=16, mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000,
-                 learn_sigma=True, *, attn_backend="auto", grad_checkpointing=False):
+                 learn_sigma=True, *, conditioning="adaln-zero", attn_backend="auto",
+                 grad_checkpointing=False):
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not a multiple of patch_size {patch_size}")
         if attn_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"unknown attention backend {attn_backend!r}; choose from {ATTENTION_BACKENDS}")
+        if conditioning not in CONDITIONINGS:
+            raise ValueError(f"unknown conditioning {conditioning!r}; choose from {CONDITIONINGS}")
         self.input_size = input_size
         self.patch_size = patch_size
         self.in_channels = in_channels
@@ -227,6 +342,7 @@ class DiT(nn.Module):
         self.num_heads = num_heads
         self.num_classes = num_classes
         self.learn_sigma = learn_sigma
+        self.conditioning = conditioning
         self.grad_checkpointing = grad_checkpointing
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
@@ -236,8 +352,9 @@ class DiT(nn.Module):
         # A parameter (not a buffer) only so that the reference checkpoints load strict; it is frozen.
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
         self.blocks = nn.ModuleList([
-            DiTBlock(hidden_size, num_heads, mlp_ratio, attn_backend) for _ in range(depth)])
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+            DiTBlock(hidden_size, num_heads, mlp_ratio, attn_backend, conditioning) for _ in range(depth)])
+        adaptive = conditioning in ("adaln-zero", "adaln")
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, adaptive)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -259,13 +376,17 @@ class DiT(nn.Module):
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
 
-        # adaLN-Zero: zero gates make every block the identity, and a zero final layer makes the
-        # whole network output zero. The paper (Fig. 5) finds this conditioning trains best.
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        # adaLN-Zero: zero gates make every block the identity, and the final layer's shift and
+        # scale start at zero too. The paper (Fig. 5) finds this conditioning trains best. Plain
+        # adaLN keeps the ordinary (Xavier) initialisation of its regression layers.
+        if self.conditioning == "adaln-zero":
+            for block in self.blocks:
+                nn.init.zeros_(block.adaLN_modulation[-1].weight)
+                nn.init.zeros_(block.adaLN_modulation[-1].bias)
+            nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+            nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        # Every design: the output layer starts at zero, so a fresh model predicts 0 (as ADM's
+        # output convolution does). It is not part of what Table 4 compares, so all four share it.
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
@@ -279,29 +400,25 @@ class DiT(nn.Module):
 
     def forward(self, x, t, y):
         """x: (N, C, H, W) noisy images or latents, t: (N,) timesteps, y: (N,) class labels."""
-        x = self.x_embedder(x) + self.pos_embed  # (N, T, D), T = H * W / p ** 2
-        c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
+        x = self.x_embedder(x) + self.pos_embed                       # (N, T, D), T = H * W / p ** 2
+        t, y = self.t_embedder(t), self.y_embedder(y, self.training)  # (N, D) each
+        # How t and y reach the blocks: the one place, besides DiTBlock, where the designs differ.
+        c = None
+        if self.conditioning == "in-context":  # two more tokens, like ViT's class token
+            x = torch.cat([x, t[:, None], y[:, None]], dim=1)         # (N, T + 2, D)
+        elif self.conditioning == "cross-attn":  # a length-two sequence to attend to
+            c = torch.stack([t, y], dim=1)                            # (N, 2, D)
+        else:  # adaLN-Zero, adaLN: one vector that sets every LayerNorm's shift and scale
+            c = t + y                                                 # (N, D)
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, c, use_reentrant=False)
             else:
-                x = block(x, c)                  # (N, T, D)
-        x = self.final_layer(x, c)               # (N, T, p * p * C_out)
-        return self.unpatchify(x)                # (N, C_out, H, W)
-
-    def forward_with_cfg(self, x, t, y, cfg_scale):
-        """Classifier-free guidance in one batched pass.
-
-        The batch is [conditional half; null-label half] with the same x in both halves. The
-        guided noise is eps_uncond + s * (eps_cond - eps_uncond) on the in_channels noise
-        channels; the remaining (variance) channels pass through from the model.
-        """
-        half = x[: len(x) // 2]
-        out = self.forward(torch.cat([half, half]), t, y)            # (N, C_out, H, W)
-        eps, rest = out[:, : self.in_channels], out[:, self.in_channels:]
-        cond_eps, uncond_eps = eps.chunk(2, dim=0)
-        guided = uncond_eps + cfg_scale * (cond_eps - uncond_eps)    # (N/2, C, H, W)
-        return torch.cat([torch.cat([guided, guided]), rest], dim=1)  # (N, C_out, H, W)
+                x = block(x, c)                                       # (N, T, D) or (N, T + 2, D)
+        if self.conditioning == "in-context":
+            x = x[:, :-2]                                             # (N, T, D): t and y tokens dropped
+        x = self.final_layer(x, c)                                    # (N, T, p * p * C_out)
+        return self.unpatchify(x)                                     # (N, C_out, H, W)
 
 
 # -----------------------------------------------------------------------------
@@ -325,28 +442,50 @@ def sincos_pos_embed_2d(dim, grid_size):
 
 
 # -----------------------------------------------------------------------------
-# Presets: the paper's twelve, plus small ones of ours for 32x32 images on a CPU
+# Presets: the paper's twelve (Table 1), plus small ones of ours, and the paper's way to count cost
 # -----------------------------------------------------------------------------
 
-def _preset(depth, hidden_size, num_heads, patch_size):
-    def make(**kwargs):
-        return DiT(depth=depth, hidden_size=hidden_size, num_heads=num_heads,
-                   patch_size=patch_size, **kwargs)
-    return make
+# "Ti" (tiny) trains on a laptop CPU in minutes; "Mi" (micro) is for the tests.
+#              (depth, hidden_size, num_heads, patch_size)
+DiT_configs = {
+    "DiT-XL/2": (28, 1152, 16, 2), "DiT-XL/4": (28, 1152, 16, 4), "DiT-XL/8": (28, 1152, 16, 8),
+    "DiT-L/2":  (24, 1024, 16, 2), "DiT-L/4":  (24, 1024, 16, 4), "DiT-L/8":  (24, 1024, 16, 8),
+    "DiT-B/2":  (12, 768, 12, 2),  "DiT-B/4":  (12, 768, 12, 4),  "DiT-B/8":  (12, 768, 12, 8),
+    "DiT-S/2":  (12, 384, 6, 2),   "DiT-S/4":  (12, 384, 6, 4),   "DiT-S/8":  (12, 384, 6, 8),
+    "DiT-Ti/2": (6, 192, 3, 2),    "DiT-Ti/4": (6, 192, 3, 4),    "DiT-Ti/8": (6, 192, 3, 8),
+    "DiT-Mi/2": (2, 64, 2, 2),     "DiT-Mi/4": (2, 64, 2, 4),     "DiT-Mi/8": (2, 64, 2, 8),
+}
+DiT_models = {name: functools.partial(DiT, depth=d, hidden_size=h, num_heads=n, patch_size=p)
+              for name, (d, h, n, p) in DiT_configs.items()}
 
 
-DiT_models = {}
-for _name, (_depth, _hidden, _heads) in {
-        "XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6),
-        # Ours: "Ti" (tiny) trains on a laptop CPU in minutes; "Mi" (micro) is for tests.
-        "Ti": (6, 192, 3), "Mi": (2, 64, 2)}.items():
-    for _patch in (2, 4, 8):
-        DiT_models[f"DiT-{_name}/{_patch}"] = _preset(_depth, _hidden, _heads, _patch)
-del _name, _depth, _hidden, _heads, _patch
+def forward_gmacs(model):
+    """Forward cost of one image in billions of multiply-accumulates, counted as the paper counts
+    its "Gflops" (Tables 1 and 4, one multiply-add being one flop): every matrix product, plus one
+    per LayerNorm element. That last term, 2 T D per block, is what lifts the pure matmul count to
+    the printed figures (DiT-XL/2: 118.62 -> 118.64). Cheap at any size on the meta device."""
+    p = model.pos_embed
+    x = torch.zeros(1, model.in_channels, model.input_size, model.input_size, device=p.device, dtype=p.dtype)
+    t = y = torch.zeros(1, dtype=torch.long, device=p.device)
+    norm_elements = []
+    hooks = [m.register_forward_hook(lambda m, inputs, out: norm_elements.append(out.numel()))
+             for m in model.modules() if isinstance(m, nn.LayerNorm)]
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(x, t, y)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return (counter.get_total_flops() / 2 + sum(norm_elements)) / 1e9
 
 
 # -----------------------------------------------------------------------------
 # Gaussian diffusion: the forward process, the training loss, and two samplers
+#
+# Two recipes run on this code. The paper's (DiT Sec. 3.1, after ADM): predict eps, linear betas,
+# learned sigma, uniform weights over timesteps; these are GaussianDiffusion's defaults and
+# `train.py --preset paper`. This repo's default (config.py's "cpu" preset): predict v, cosine
+# betas, min-SNR weighting, fixed sigma, which learns recognisable 16 px images in minutes on a CPU.
 # -----------------------------------------------------------------------------
 
 def make_betas(schedule, num_timesteps):
@@ -566,17 +705,30 @@ class GaussianDiffusion:
         return x
 
 
+# -----------------------------------------------------------------------------
+# Classifier-free guidance (Ho & Salimans 2022; DiT Sec. 3.1)
+# -----------------------------------------------------------------------------
+
 def guided_model_fn(model, y, cfg_scale):
-    """model_fn(x, t) for the samplers: class-conditional on y (N,), with classifier-free
-    guidance when cfg_scale != 1. The sampler keeps N images; the conditional and null-label
-    halves are stacked only inside the network call, so one forward pass serves both."""
+    """model_fn(x, t) for the samplers: the network's output for class y (N,), with classifier-free
+    guidance when cfg_scale != 1. Guidance extrapolates from the null label's prediction towards
+    the class's: pred = pred(x, null) + s * (pred(x, y) - pred(x, null)). The mixed channels are
+    the prediction channels, eps or v; for a shared x_t, v is affine in eps, so mixing either is
+    the same guidance. The variance channels (learn_sigma) are the conditional ones. The sampler
+    keeps N images; x is doubled only inside the call, so one forward pass serves both labels.
+
+    Raises ValueError if guidance is asked of a model without a null label."""
     if cfg_scale == 1:
         return lambda x, t: model(x, t, y)
     if model.y_embedder.dropout_prob == 0:
-        raise ValueError("guidance needs a model trained with label dropout (class_dropout_prob > 0)")
-    y_both = torch.cat([y, torch.full_like(y, model.num_classes)])  # (2N,)
+        raise ValueError(f"guidance (cfg scale {cfg_scale}) needs the null label of a model trained with "
+                         "label dropout, and this one was trained without: use a cfg scale of 1")
+    both_labels = torch.cat([y, torch.full_like(y, model.num_classes)])  # (2N,) [y; null]
+    C = model.in_channels
 
     def model_fn(x, t):
-        out = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), y_both, cfg_scale)
-        return out[: len(x)]  # (N, C_out, H, W)
+        out = model(torch.cat([x, x]), torch.cat([t, t]), both_labels)   # (2N, C_out, H, W)
+        cond, uncond = out.chunk(2)                                      # (N, C_out, H, W) each
+        pred = uncond[:, :C] + cfg_scale * (cond[:, :C] - uncond[:, :C])  # (N, C, H, W)
+        return torch.cat([pred, cond[:, C:]], dim=1)                     # (N, C_out, H, W)
     return model_fn

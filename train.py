@@ -221,10 +221,11 @@ def peak_tflops(device):
 # Training
 # -----------------------------------------------------------------------------
 
-MODEL_FIELDS = ("model", "image_size", "learn_sigma", "class_dropout", "schedule", "prediction")
+MODEL_FIELDS = ("model", "image_size", "learn_sigma", "class_dropout", "conditioning", "schedule", "prediction")
 
 
 def check_resume_compatible(cfg, saved_cfg, classes, saved_classes):
+    saved_cfg = {"conditioning": "adaln-zero", **saved_cfg}  # runs saved before --conditioning existed
     for key in MODEL_FIELDS:
         if getattr(cfg, key) != saved_cfg[key]:
             flag = "--" + key.replace("_", "-")
@@ -288,7 +289,8 @@ def train(cfg):
     # --- model, EMA, optimizer, diffusion ---------------------------------------
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model_args = dict(name=cfg.model, input_size=cfg.image_size, in_channels=3, num_classes=len(classes),
-                      learn_sigma=cfg.learn_sigma, class_dropout_prob=cfg.class_dropout)
+                      learn_sigma=cfg.learn_sigma, class_dropout_prob=cfg.class_dropout,
+                      conditioning=cfg.conditioning)
     diffusion_args = dict(schedule=cfg.schedule, prediction=cfg.prediction, learn_sigma=cfg.learn_sigma,
                           loss_weighting=cfg.loss_weighting)
     model = build_model(model_args, attn_backend=cfg.attn, grad_checkpointing=cfg.grad_checkpointing)
