@@ -31,7 +31,7 @@ import signal
 import sys
 import time
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -133,42 +133,30 @@ def agree_on_stop(signum, proc):
     return int(flag) or None
 
 
-class FileLock:
+@contextmanager
+def locked(path, busy=None):
     """An exclusive flock() on `path`, which holds the owner's pid. The kernel drops the lock when
     its process dies, however it dies, so a killed run never blocks a restart. busy(pid) makes the
-    error when the lock is taken; without it, acquire() waits for the lock."""
-
-    def __init__(self, path, busy=None):
-        self.path, self.busy, self.fd = path, busy, None
-
-    def acquire(self):
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    error when the lock is taken; without it, wait for the lock."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (fcntl.LOCK_NB if self.busy else 0))
+            fcntl.flock(fd, fcntl.LOCK_EX | (fcntl.LOCK_NB if busy else 0))
         except BlockingIOError:
-            pid = os.pread(fd, 32, 0).decode().strip() or "unknown"
-            os.close(fd)
-            raise ConfigError(self.busy(pid)) from None
+            raise ConfigError(busy(os.pread(fd, 32, 0).decode().strip() or "unknown")) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self.fd = fd
-        return self
-
-    def release(self):
-        os.close(self.fd)  # closing the file drops the lock
-
-    def __enter__(self):
-        return self.acquire()
-
-    def __exit__(self, *exc):
-        self.release()
+        yield
+    finally:
+        os.close(fd)  # closing the file drops the lock
 
 
 RUN_LOCK = "train.lock"  # also what marks a folder as a run of this project
 
 
-def claim_run_dir(out):
-    """Refuse an --out that is not ours, then lock it. Returns the held lock."""
+@contextmanager
+def claimed(out):
+    """Refuse an --out that is not a run of ours; hold its lock while the run lasts."""
     path = Path(out)
     if not out:
         raise ConfigError("--out is empty: name a run directory, e.g. --out runs/mine")
@@ -179,26 +167,23 @@ def claim_run_dir(out):
                           f"checkpoints/): choose a new or empty directory")
     try:
         path.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(path / RUN_LOCK, busy=lambda pid: (
-            f"--out {out} is in use by another train.py (pid {pid}): wait for it, stop it, or choose another --out"))
-        lock.acquire()
+        (path / RUN_LOCK).touch()
     except OSError as err:
         raise ConfigError(f"--out {out}: cannot write there ({err.strerror})") from None
-    for leftover in Path(path, "checkpoints").glob("step_*.pt.tmp"):  # a save that a kill interrupted
-        if CHECKPOINT_NAME.fullmatch(leftover.name[:-4]):
-            leftover.unlink()
-    return lock
+    with locked(path / RUN_LOCK, busy=lambda pid: f"--out {out} is in use by another train.py (pid {pid}): "
+                                                  f"wait for it, stop it, or choose another --out"):
+        for leftover in path.glob("checkpoints/step_*.pt.tmp"):  # a save that a kill interrupted
+            if CHECKPOINT_NAME.fullmatch(leftover.name[:-4]):
+                leftover.unlink()
+        yield
 
 
 @contextmanager
 def run_directory(out, proc):
-    """--out checked and locked (by rank 0) for the duration of the run."""
-    lock = on_rank0(proc, claim_run_dir, out)
-    try:
+    """--out claimed by rank 0 for the whole run; a refusal there stops every rank."""
+    with ExitStack() as stack:
+        on_rank0(proc, lambda: stack.enter_context(claimed(out)))
         yield
-    finally:
-        if lock is not None:
-            lock.release()
 
 
 def prepare_builtin_data(root, **settings):
@@ -206,7 +191,7 @@ def prepare_builtin_data(root, **settings):
     on the lock, then finds the set complete."""
     root = Path(root)
     root.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(root.parent / f".{root.name}.lock"):
+    with locked(root.parent / f".{root.name}.lock"):
         return ensure_builtin_dataset(root, **settings)
 
 
@@ -365,6 +350,125 @@ def ema_decay(cfg, step):
 
 def use_bf16(cfg, device):
     return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+
+
+# -----------------------------------------------------------------------------
+# Logging and samples
+# -----------------------------------------------------------------------------
+
+METRIC_COLUMNS = ["step", "loss", "mse", "grad_norm", "lr", "img_per_s", "elapsed_s"]
+
+
+def open_metrics(path, step):
+    """Open metrics.csv for appending, first dropping rows a killed run wrote past `step` (and
+    rows that do not parse, with a warning)."""
+    rows, bad = [], 0
+    if path.exists():
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                try:
+                    if int(row["step"]) <= step:
+                        rows.append({k: row[k] for k in METRIC_COLUMNS})
+                except (KeyError, TypeError, ValueError):
+                    bad += 1
+    if bad:
+        warnings.warn(f"{path}: dropped {bad} row(s) that do not parse")
+    f = open(path, "w", newline="")
+    writer = csv.DictWriter(f, METRIC_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    f.flush()
+    return f
+
+
+class RunLog:
+    """What rank 0 writes while training: progress bar, log lines, metrics.csv, TensorBoard,
+    config.json and sample grids. On the other ranks every method does nothing."""
+
+    def __init__(self, cfg, state, num_images, proc):
+        self.on, self.out, self.device = proc.is_main, Path(cfg.out), proc.device
+        if not self.on:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+        self.writer = SummaryWriter(self.out, purge_step=state.step)  # drops events past the checkpoint
+        self.metrics = open_metrics(self.out / "metrics.csv", state.step)
+        (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        num_params = sum(p.numel() for p in state.model.parameters())
+        print(f"{cfg.model}: {num_params / 1e6:.2f}M parameters, {num_images} images in "
+              f"{len(state.classes)} classes, {proc.world} x {proc.device.type}, "
+              f"{'bf16' if use_bf16(cfg, proc.device) else 'fp32'}")
+        self.bar = tqdm(total=cfg.steps, initial=state.step, dynamic_ncols=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.on:
+            self.bar.close()
+            self.writer.close()
+            self.metrics.close()
+
+    def advance(self):
+        if self.on:
+            self.bar.update(1)
+
+    def write(self, row):
+        if not self.on:
+            return
+        self.bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.0f}")
+        self.bar.write(f"step {row['step']:6d} | loss {row['loss']:.4f} | lr {row['lr']:.1e} | "
+                       f"norm {row['grad_norm']:.2f} | {row['img_per_s']:.0f} img/s")
+        for key in ("loss", "mse", "grad_norm", "lr", "img_per_s"):
+            self.writer.add_scalar(f"train/{key}", row[key], row["step"])
+        csv.DictWriter(self.metrics, METRIC_COLUMNS).writerow(row)
+        self.metrics.flush()
+
+    def samples(self, state, cfg, step):
+        if self.on:
+            write_samples(state.ema, state.diffusion, cfg, state.classes, self.device, self.out,
+                          self.writer, step)
+
+
+@torch.no_grad()
+def sample_grid(model, diffusion, num_classes, per_class, steps, cfg_scale, device, seed=0):
+    """per_class samples of every class, class-major: (num_classes * per_class, 3, H, W) in [0, 1].
+    Uses its own generator, so drawing a grid never disturbs the training RNG (exact resume)."""
+    gen = torch.Generator(device).manual_seed(seed)
+    y = torch.arange(num_classes, device=device).repeat_interleave(per_class)
+    s = model.input_size
+    noise = torch.randn(len(y), model.in_channels, s, s, device=device, generator=gen)
+    x = diffusion.sample(dit.guided_model_fn(model, y, cfg_scale), noise, steps=steps,
+                         sampler="ddim", generator=gen)
+    return (x.float().clamp(-1, 1) + 1) / 2
+
+
+def enlarge(grid, zoom=None, min_width=256):
+    """Nearest-neighbour upscaling, so a grid of 16 px images is big enough to look at (a smooth
+    filter would blur the very pixels one wants to judge). zoom=None: just enough for min_width."""
+    zoom = zoom or max(1, math.ceil(min_width / grid.shape[-1]))
+    return grid.repeat_interleave(zoom, -1).repeat_interleave(zoom, -2)
+
+
+def write_samples(ema, diffusion, cfg, classes, device, out, writer, step, per_class=8):
+    """samples/step_N.png, enlarged for people, and step_N_raw.png at the images' own size."""
+    import torchvision.utils
+    with torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else nullcontext():
+        cfg_scale = cfg.cfg_scale if cfg.class_dropout > 0 else 1.0  # no null label, no guidance
+        images = sample_grid(ema, diffusion, len(classes), per_class, cfg.sample_steps, cfg_scale, device)
+    grid = torchvision.utils.make_grid(images, nrow=per_class, padding=1)  # one row per class
+    (out / "samples").mkdir(exist_ok=True)
+    torchvision.utils.save_image(enlarge(grid), out / "samples" / f"step_{step:07d}.png")
+    torchvision.utils.save_image(grid, out / "samples" / f"step_{step:07d}_raw.png")
+    writer.add_image("samples/ema", enlarge(grid), step)
+    # What the network outputs for fresh noise x_T at the noisiest timestep: a collapse to zero or
+    # a blow-up shows here before it shows in the samples.
+    gen = torch.Generator(device).manual_seed(step)
+    s = ema.input_size
+    noise = torch.randn(per_class, ema.in_channels, s, s, device=device, generator=gen)
+    t = torch.full((per_class,), diffusion.num_timesteps - 1, device=device)
+    y = torch.arange(per_class, device=device) % len(classes)
+    with torch.no_grad():
+        writer.add_histogram("ema/prediction", ema(noise, t, y).float().cpu(), step)
 
 
 # -----------------------------------------------------------------------------
@@ -630,7 +734,9 @@ def train_loop(cfg, state, dataset, proc, log):
             update_ema(state.ema, state.model, ema_decay(cfg, state.step))
             state.step += 1
             step = state.step
-            log.advance(profiler)
+            log.advance()
+            if cfg.profile and proc.is_main:
+                profiler.step()
             is_log = step % cfg.log_every == 0 or step == cfg.steps
             is_sample = cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps
             is_ckpt = step % cfg.ckpt_every == 0
@@ -701,127 +807,6 @@ def train(cfg):
             with RunLog(cfg, state, len(dataset), proc) as log:
                 signum, loss = train_loop(cfg, state, dataset, proc, log)
                 return finish(cfg, state, signum, loss, start_step, log, proc)
-
-
-# -----------------------------------------------------------------------------
-# Logging and samples
-# -----------------------------------------------------------------------------
-
-METRIC_COLUMNS = ["step", "loss", "mse", "grad_norm", "lr", "img_per_s", "elapsed_s"]
-
-
-def open_metrics(path, step):
-    """Open metrics.csv for appending, first dropping rows a killed run wrote past `step` (and
-    rows that do not parse, with a warning)."""
-    rows, bad = [], 0
-    if path.exists():
-        with open(path, newline="") as f:
-            for row in csv.DictReader(f):
-                try:
-                    if int(row["step"]) <= step:
-                        rows.append({k: row[k] for k in METRIC_COLUMNS})
-                except (KeyError, TypeError, ValueError):
-                    bad += 1
-    if bad:
-        warnings.warn(f"{path}: dropped {bad} row(s) that do not parse")
-    f = open(path, "w", newline="")
-    writer = csv.DictWriter(f, METRIC_COLUMNS)
-    writer.writeheader()
-    writer.writerows(rows)
-    f.flush()
-    return f
-
-
-class RunLog:
-    """What rank 0 writes while training: progress bar, log lines, metrics.csv, TensorBoard,
-    config.json and sample grids. On the other ranks every method does nothing."""
-
-    def __init__(self, cfg, state, num_images, proc):
-        self.on, self.out, self.device = proc.is_main, Path(cfg.out), proc.device
-        if not self.on:
-            return
-        from torch.utils.tensorboard import SummaryWriter
-        self.writer = SummaryWriter(self.out, purge_step=state.step)  # drops events past the checkpoint
-        self.metrics = open_metrics(self.out / "metrics.csv", state.step)
-        (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-        num_params = sum(p.numel() for p in state.model.parameters())
-        print(f"{cfg.model}: {num_params / 1e6:.2f}M parameters, {num_images} images in "
-              f"{len(state.classes)} classes, {proc.world} x {proc.device.type}, "
-              f"{'bf16' if use_bf16(cfg, proc.device) else 'fp32'}")
-        self.bar = tqdm(total=cfg.steps, initial=state.step, dynamic_ncols=True)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        if self.on:
-            self.bar.close()
-            self.writer.close()
-            self.metrics.close()
-
-    def advance(self, profiler):
-        if self.on:
-            self.bar.update(1)
-            if hasattr(profiler, "step"):
-                profiler.step()
-
-    def write(self, row):
-        if not self.on:
-            return
-        self.bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.0f}")
-        self.bar.write(f"step {row['step']:6d} | loss {row['loss']:.4f} | lr {row['lr']:.1e} | "
-                       f"norm {row['grad_norm']:.2f} | {row['img_per_s']:.0f} img/s")
-        for key in ("loss", "mse", "grad_norm", "lr", "img_per_s"):
-            self.writer.add_scalar(f"train/{key}", row[key], row["step"])
-        csv.DictWriter(self.metrics, METRIC_COLUMNS).writerow(row)
-        self.metrics.flush()
-
-    def samples(self, state, cfg, step):
-        if self.on:
-            write_samples(state.ema, state.diffusion, cfg, state.classes, self.device, self.out,
-                          self.writer, step)
-
-
-@torch.no_grad()
-def sample_grid(model, diffusion, num_classes, per_class, steps, cfg_scale, device, seed=0):
-    """per_class samples of every class, class-major: (num_classes * per_class, 3, H, W) in [0, 1].
-    Uses its own generator, so drawing a grid never disturbs the training RNG (exact resume)."""
-    gen = torch.Generator(device).manual_seed(seed)
-    y = torch.arange(num_classes, device=device).repeat_interleave(per_class)
-    s = model.input_size
-    noise = torch.randn(len(y), model.in_channels, s, s, device=device, generator=gen)
-    x = diffusion.sample(dit.guided_model_fn(model, y, cfg_scale), noise, steps=steps,
-                         sampler="ddim", generator=gen)
-    return (x.float().clamp(-1, 1) + 1) / 2
-
-
-def enlarge(grid, zoom=None, min_width=256):
-    """Nearest-neighbour upscaling, so a grid of 16 px images is big enough to look at (a smooth
-    filter would blur the very pixels one wants to judge). zoom=None: just enough for min_width."""
-    zoom = zoom or max(1, math.ceil(min_width / grid.shape[-1]))
-    return grid.repeat_interleave(zoom, -1).repeat_interleave(zoom, -2)
-
-
-def write_samples(ema, diffusion, cfg, classes, device, out, writer, step, per_class=8):
-    """samples/step_N.png, enlarged for people, and step_N_raw.png at the images' own size."""
-    import torchvision.utils
-    with torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else nullcontext():
-        cfg_scale = cfg.cfg_scale if cfg.class_dropout > 0 else 1.0  # no null label, no guidance
-        images = sample_grid(ema, diffusion, len(classes), per_class, cfg.sample_steps, cfg_scale, device)
-    grid = torchvision.utils.make_grid(images, nrow=per_class, padding=1)  # one row per class
-    (out / "samples").mkdir(exist_ok=True)
-    torchvision.utils.save_image(enlarge(grid), out / "samples" / f"step_{step:07d}.png")
-    torchvision.utils.save_image(grid, out / "samples" / f"step_{step:07d}_raw.png")
-    writer.add_image("samples/ema", enlarge(grid), step)
-    # What the network outputs for fresh noise x_T at the noisiest timestep: a collapse to zero or
-    # a blow-up shows here before it shows in the samples.
-    gen = torch.Generator(device).manual_seed(step)
-    s = ema.input_size
-    noise = torch.randn(per_class, ema.in_channels, s, s, device=device, generator=gen)
-    t = torch.full((per_class,), diffusion.num_timesteps - 1, device=device)
-    y = torch.arange(per_class, device=device) % len(classes)
-    with torch.no_grad():
-        writer.add_histogram("ema/prediction", ema(noise, t, y).float().cpu(), step)
 
 
 # -----------------------------------------------------------------------------
