@@ -105,7 +105,8 @@ class SampleConfig:
     ckpt: str = option("runs/default", "a run directory (its newest checkpoint) or a checkpoint file")
     label: list = option(None, "class indices or class folder names; none given: every class")
     num: int = option(8, "samples per label", at_least=1)
-    batch_size: int = option(256, "images denoised at once (the images do not depend on it)", at_least=1)
+    batch_size: int = option(256, "images denoised at once (with DDIM at eta 0 the images do not depend on it)",
+                             at_least=1)
     cfg_scale: float = option(3.0, "classifier-free guidance scale (1: no guidance)", at_least=0)
     sampler: str = option("ddim", "reverse process", ("ddim", "ddpm"))
     steps: int = option(50, "denoising steps (respaced from the trained 1000)", at_least=1)
@@ -115,7 +116,7 @@ class SampleConfig:
     out: str = option("samples", "directory for grid.png and the single samples")
     show_steps: bool = option(False, "also write steps.png: x_t at evenly spaced timesteps")
     zoom: int = option(None, "enlarge grid.png and steps.png this many times (nearest pixel); "
-                             "default: enough for a grid at least 256 px wide", at_least=1)
+                             "auto: to at least 256 px wide", at_least=1)
 
 
 # -----------------------------------------------------------------------------

@@ -616,7 +616,7 @@ def resume(cfg, state, proc):
     elif proc.is_main:
         warnings.warn(f"{cfg.out} was saved by {len(rng)} processes and this run has {proc.world}: "
                       f"the random streams restart from --seed (the data order still resumes exactly)")
-    if proc.is_main:
+    if proc.is_main and state.step < cfg.steps:
         print(f"resuming {cfg.out} from step {state.step}")
 
 
