@@ -54,7 +54,7 @@ def load_model(ckpt, device):
 
 
 def prepare_out(out):
-    """Create --out before any sampling, so that a bad path fails in a second, not after an hour."""
+    """Create --out, or say in one line why it cannot be."""
     if not out:
         raise ConfigError("--out is empty: name a directory for the images, e.g. --out samples")
     path = Path(out)
@@ -145,7 +145,6 @@ def write_images(images, trajectory, labels, classes, cfg, out):
 def main(argv=None):
     try:
         cfg = parse_args(SampleConfig, sys.argv[1:] if argv is None else argv)
-        out = prepare_out(cfg.out)
         device = resolve_device(cfg.device)
         model, diffusion, classes = load_model(cfg.ckpt, device)
         labels = resolve_labels(cfg.label, classes)
@@ -154,6 +153,7 @@ def main(argv=None):
                               "for guidance: use --cfg-scale 1")
         if not 1 <= cfg.steps <= diffusion.num_timesteps:
             raise ConfigError(f"--steps must be between 1 and {diffusion.num_timesteps}")
+        out = prepare_out(cfg.out)  # before sampling, which may take an hour
         images, trajectory = generate(model, diffusion, labels, cfg, device, snapshots=10 if cfg.show_steps else 0)
         paths = write_images(images, trajectory, labels, classes, cfg, out)
     except (ConfigError, CheckpointError) as err:

@@ -13,8 +13,8 @@ SIGINT/SIGTERM save a checkpoint first and exit with 130/143, so scripts can tel
 from a finished one. One train.py at a time may use an --out (a lock file says which process).
 Watch it with `tensorboard --logdir runs`. All flags: `python train.py --help` (or config.py).
 
-Reading order: processes and locks, the data order, checkpoints, the stages of `train()` (set up,
-resume, loop, finish), logging and samples, the benchmark, `main`.
+Reading order: processes and locks, the data order, checkpoints, logging and samples, then the four
+stages of `train()` (set up, resume, loop, finish), the benchmark, and `main`.
 """
 
 import copy
