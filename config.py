@@ -6,17 +6,22 @@ parser that train.py and sample.py share.
     python train.py --preset gpu                              # a named preset, then your overrides
     python train.py --help                                    # every field with its default
 
-Every flag is a dataclass field, so a misspelled key is an error that lists the valid ones, and a
-value is converted to the field's type or rejected with the key and the type it expected.
+Every flag is a dataclass field: its type, default, help and valid range are declared once, below,
+and `parse_args` turns them into an argparse parser. A misspelled key is an error that suggests the
+closest valid one, and a value outside its range is refused with the flag and the range.
 """
 
+import argparse
 import dataclasses
+import difflib
+import math
 from dataclasses import dataclass, field
 
 
-def option(default, help, choices=None):
-    """A dataclass field with its help text (and allowed values) attached."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+def option(default, help, choices=None, at_least=None, above=None, below=None, at_most=None):
+    """A dataclass field with its help text, allowed values and valid range attached."""
+    bounds = dict(at_least=at_least, above=above, below=below, at_most=at_most)
+    return field(default=default, metadata={"help": help, "choices": choices, **bounds})
 
 
 # -----------------------------------------------------------------------------
@@ -29,13 +34,14 @@ class TrainConfig:
     # data and run directory
     data: str = option("", "class-per-folder image directory; empty: the built-in shapes set")
     out: str = option("runs/default", "run directory: checkpoints, TensorBoard, samples, metrics")
-    image_size: int = option(16, "images are resized and centre-cropped to this size")
+    image_size: int = option(16, "images are resized and centre-cropped to this size", at_least=1)
     hflip: bool = option(False, "random horizontal flips (off: flipping changes some classes' meaning)")
-    workers: int = option(0, "DataLoader worker processes (0: load in the training process)")
+    workers: int = option(0, "DataLoader worker processes (0: load in the training process)", at_least=0)
     # model
     model: str = option("DiT-Ti/4", "a preset of dit.DiT_models")
     learn_sigma: bool = option(False, "also learn the reverse variance (Improved DDPM hybrid loss)")
-    class_dropout: float = option(0.1, "probability of the null label in training (for guidance)")
+    class_dropout: float = option(0.1, "probability of the null label in training (for guidance)",
+                                  at_least=0, below=1)
     conditioning: str = option("adaln-zero", "how blocks see t and y (DiT Sec. 3.2, Table 4)",
                                ("adaln-zero", "adaln", "cross-attn", "in-context"))
     attn: str = option("auto", "attention backend", ("auto", "triton", "sdpa", "math"))
@@ -45,26 +51,26 @@ class TrainConfig:
     prediction: str = option("v", "what the network predicts", ("eps", "v"))
     loss_weighting: str = option("min_snr", "per-timestep loss weights", ("uniform", "min_snr"))
     # optimisation
-    steps: int = option(3600, "optimizer steps in total (a resumed run continues to this number)")
-    batch_size: int = option(32, "images per optimizer step, over all processes")
-    lr: float = option(2e-3, "peak AdamW learning rate")
+    steps: int = option(3600, "optimizer steps in total (a resumed run continues to this number)", at_least=1)
+    batch_size: int = option(32, "images per optimizer step, over all processes", at_least=1)
+    lr: float = option(2e-3, "peak AdamW learning rate", above=0)
     lr_schedule: str = option("cosine", "after warm-up: constant, or cosine decay to lr/10", ("constant", "cosine"))
-    warmup_steps: int = option(100, "linear learning-rate warm-up")
-    weight_decay: float = option(0.0, "AdamW weight decay")
-    grad_clip: float = option(1.0, "clip the gradient's global norm to this (0: off)")
-    ema_decay: float = option(0.999, "EMA decay of the weights used for sampling (warmed up)")
+    warmup_steps: int = option(100, "linear learning-rate warm-up", at_least=0)
+    weight_decay: float = option(0.0, "AdamW weight decay", at_least=0)
+    grad_clip: float = option(1.0, "clip the gradient's global norm to this (0: off)", at_least=0)
+    ema_decay: float = option(0.999, "EMA decay of the weights used for sampling (warmed up)", at_least=0, at_most=1)
     # hardware
     device: str = option("auto", "where to train", ("auto", "cpu", "cuda"))
     precision: str = option("auto", "auto: bf16 autocast on CUDA, fp32 on CPU", ("auto", "fp32", "bf16"))
     compile: bool = option(False, "torch.compile the model")
-    seed: int = option(0, "seeds data order, noise and initialisation")
+    seed: int = option(0, "seeds data order, noise and initialisation", at_least=0)
     # bookkeeping
-    log_every: int = option(100, "steps between log lines and TensorBoard scalars")
-    ckpt_every: int = option(500, "steps between checkpoints")
-    keep_every: int = option(0, "also keep every checkpoint whose step is a multiple of this (0: none)")
-    sample_every: int = option(1000, "steps between sample grids (0: only at the end)")
-    sample_steps: int = option(50, "DDIM steps for the sample grids")
-    cfg_scale: float = option(3.0, "classifier-free guidance scale for the sample grids")
+    log_every: int = option(100, "steps between log lines and TensorBoard scalars", at_least=1)
+    ckpt_every: int = option(500, "steps between checkpoints", at_least=1)
+    keep_every: int = option(0, "also keep every checkpoint whose step is a multiple of this (0: none)", at_least=0)
+    sample_every: int = option(1000, "steps between sample grids (0: only at the end)", at_least=0)
+    sample_steps: int = option(50, "DDIM steps for the sample grids", at_least=1, at_most=1000)
+    cfg_scale: float = option(3.0, "classifier-free guidance scale for the sample grids", at_least=0)
     profile: bool = option(False, "write a torch.profiler trace of a few steps to <out>/profile")
     benchmark: bool = option(False, "time training steps on random data and print one line (no run directory)")
 
@@ -100,99 +106,119 @@ TRAIN_PRESETS = {
 class SampleConfig:
     ckpt: str = option("runs/default", "a run directory (its newest checkpoint) or a checkpoint file")
     label: list = option(None, "class indices or class folder names; none given: every class")
-    num: int = option(8, "samples per label")
-    cfg_scale: float = option(3.0, "classifier-free guidance scale (1: no guidance)")
+    num: int = option(8, "samples per label", at_least=1)
+    batch_size: int = option(256, "images denoised at once (with DDIM at eta 0 the images do not depend on it)",
+                             at_least=1)
+    cfg_scale: float = option(3.0, "classifier-free guidance scale (1: no guidance)", at_least=0)
     sampler: str = option("ddim", "reverse process", ("ddim", "ddpm"))
-    steps: int = option(50, "denoising steps (respaced from the trained 1000)")
-    eta: float = option(0.0, "DDIM noise: 0 deterministic, 1 matches DDPM")
-    seed: int = option(0, "same seed, same images")
+    steps: int = option(50, "denoising steps (respaced from the trained 1000)", at_least=1)
+    eta: float = option(0.0, "DDIM noise: 0 deterministic, 1 matches DDPM", at_least=0, at_most=1)
+    seed: int = option(0, "same seed, same images", at_least=0)
     device: str = option("auto", "where to sample", ("auto", "cpu", "cuda"))
     out: str = option("samples", "directory for grid.png and the single samples")
     show_steps: bool = option(False, "also write steps.png: x_t at evenly spaced timesteps")
-    zoom: int = option(1, "enlarge grid.png and steps.png this many times (nearest pixel), for small images")
+    zoom: int = option(None, "enlarge grid.png and steps.png this many times (nearest pixel); "
+                             "auto: to at least 256 px wide", at_least=1)
 
 
 # -----------------------------------------------------------------------------
-# The parser
+# The parser: argparse, built from the fields
 # -----------------------------------------------------------------------------
 
 class ConfigError(ValueError):
     pass
 
 
-def _convert(name, kind, text, choices):
-    try:
-        if kind is bool:
-            lowered = text.lower()
-            if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
-                raise ValueError
-            value = lowered in ("1", "true", "yes", "on")
-        elif kind is int:
-            number = float(text)  # so that --steps 2e4 works too
-            if not number.is_integer():
-                raise ValueError
-            value = int(number)
-        else:
-            value = kind(text)
-    except ValueError:
-        raise ConfigError(f"--{name.replace('_', '-')}: expected {kind.__name__}, got {text!r}") from None
-    if choices and value not in choices:
-        raise ConfigError(f"--{name.replace('_', '-')}: {value!r} is not one of {', '.join(choices)}")
-    return value
+def flag(name):
+    return "--" + name.replace("_", "-")
 
 
-def usage(cls):
-    lines = [f"options ({cls.__name__}):"]
+def describe_range(f):
+    """'an integer >= 1', 'a number in [0, 1)': the valid values of a numeric field, in words."""
+    m = f.metadata
+    kind = "an integer" if f.type is int else "a number"
+    low, closed_low = (m["at_least"], True) if m["at_least"] is not None else (m["above"], False)
+    high, closed_high = (m["at_most"], True) if m["at_most"] is not None else (m["below"], False)
+    if low is not None and high is not None:
+        return f"{kind} in {'[' if closed_low else '('}{low:g}, {high:g}{']' if closed_high else ')'}"
+    if low is not None:
+        return f"{kind} {'>=' if closed_low else '>'} {low:g}"
+    if high is not None:
+        return f"{kind} {'<=' if closed_high else '<'} {high:g}"
+    return kind
+
+
+def in_range(f, value):
+    m = f.metadata
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    return not ((m["at_least"] is not None and value < m["at_least"])
+                or (m["above"] is not None and value <= m["above"])
+                or (m["below"] is not None and value >= m["below"])
+                or (m["at_most"] is not None and value > m["at_most"]))
+
+
+def converter(f):
+    """argparse `type=` for a numeric field: parse, then check the range, one message for both."""
+    def convert(text):
+        try:
+            number = float(text)
+            value = int(number) if f.type is int and number.is_integer() else number  # --steps 2e4
+            if f.type is int and not isinstance(value, int):
+                raise ValueError
+        except (ValueError, OverflowError):
+            raise argparse.ArgumentTypeError(f"expected {describe_range(f)}, got {text!r}") from None
+        if not in_range(f, value):
+            raise argparse.ArgumentTypeError(f"expected {describe_range(f)}, got {text!r}")
+        return value
+    return convert
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but an error raises ConfigError (one line, no usage dump) for the caller to print."""
+
+    def error(self, message):
+        if "ignored explicit argument" in message:
+            message += " (on/off options are written --name or --no-name)"
+        raise ConfigError(message)
+
+
+def build_parser(cls, prog=None):
+    parser = Parser(prog=prog, description=f"options of {cls.__name__} (config.py)", allow_abbrev=False)
     for f in dataclasses.fields(cls):
-        flag = f"--{f.name.replace('_', '-')}"
-        flag += "/--no-" + f.name.replace("_", "-") if f.type is bool else f" {f.type.__name__.upper()}"
-        choices = f.metadata["choices"]
-        extra = f" [{'|'.join(choices)}]" if choices else ""
-        lines.append(f"  {flag:<28} {f.metadata['help']}{extra} (default: {f.default!r})")
-    return "\n".join(lines)
+        kwargs = dict(default=argparse.SUPPRESS, dest=f.name)
+        if f.type is bool:
+            kwargs.update(action=argparse.BooleanOptionalAction)
+        elif f.type is list:
+            kwargs.update(nargs="+", metavar="VALUE")
+        elif f.type in (int, float):
+            kwargs.update(type=converter(f), metavar=f.type.__name__.upper())
+        else:
+            kwargs.update(choices=f.metadata["choices"], metavar=None if f.metadata["choices"] else "TEXT")
+        numeric = f.type in (int, float) and describe_range(f) not in ("an integer", "a number")
+        extra = f"; {describe_range(f)}" if numeric else ""
+        default = "auto" if f.default is None and f.type is int else f.default
+        parser.add_argument(flag(f.name), help=f"{f.metadata['help']} (default: {default!r}{extra})", **kwargs)
+    return parser
+
+
+def unknown_option(word, cls):
+    if not word.startswith("-"):
+        return f"unexpected argument {word!r}: options are written --key value"
+    key = word.split("=")[0]
+    known = [flag(f.name) for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"unknown option {key}{hint}; valid options: {', '.join(known)}"
 
 
 def parse_args(cls, argv, presets=None):
     """Build a `cls` from command-line words. With `presets`, a `--preset NAME` is applied first."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    values, i = {}, 0
-    while i < len(argv):
-        arg = argv[i]
-        i += 1
-        if arg in ("-h", "--help"):
-            print(usage(cls))
-            raise SystemExit(0)
-        if not arg.startswith("--"):
-            raise ConfigError(f"unexpected argument {arg!r}: options are written --key value")
-        key, has_value, text = arg[2:].partition("=")
-        name = key.replace("-", "_")
-        negated = name.startswith("no_") and name not in fields and name[3:] in fields
-        if negated:
-            name = name[3:]
-        if name not in fields:
-            valid = ", ".join("--" + n.replace("_", "-") for n in fields)
-            raise ConfigError(f"unknown option --{key}; valid options: {valid}")
-        f = fields[name]
-        kind, choices = f.type, f.metadata["choices"]
-        if negated and (kind is not bool or has_value):
-            raise ConfigError(f"--no-{key[3:]} only works for on/off options")
-        if kind is bool:
-            values[name] = _convert(name, bool, text, None) if has_value else not negated
-        elif kind is list:
-            words = [text] if has_value else []
-            while not has_value and i < len(argv) and not argv[i].startswith("--"):
-                words.append(argv[i])
-                i += 1
-            if not words:
-                raise ConfigError(f"--{key} needs at least one value")
-            values[name] = words
-        else:
-            if not has_value:
-                if i >= len(argv) or argv[i].startswith("--"):
-                    raise ConfigError(f"--{key} needs a value ({kind.__name__})")
-                text = argv[i]
-                i += 1
-            values[name] = _convert(name, kind, text, choices)
+    parser = build_parser(cls)
+    values, rest = parser.parse_known_args(argv)
+    if rest:
+        raise ConfigError(unknown_option(rest[0], cls))
+    values = vars(values)
     base = cls()
     if presets is not None:
         base = dataclasses.replace(base, **presets[values.get("preset", base.preset)])

@@ -70,6 +70,10 @@ def _find_images(root):
 def _load_image(path, image_size):
     """Decode one file into a uint8 tensor (3, S, S); PIL does the heavy lifting."""
     with Image.open(path) as image:
+        if image.mode in ("I", "I;16", "I;16B", "I;16L"):
+            # 16-bit grey (0..65535): convert("RGB") would clip every value above 255 to
+            # white, so scale to 0..255 first (rounded; point() maps linearly in one pass).
+            image = image.convert("I").point(lambda v: v / 257 + 0.5)
         image = image.convert("RGB")
     # fit() crops the centred square and resizes it in one resampling step,
     # which equals "shorter side to S, then centre crop" without a second blur.
@@ -96,10 +100,9 @@ class ImageFolder(torch.utils.data.Dataset):
     call `check_batch_size(dataset, batch_size)` before training.
     """
 
-    def __init__(self, root, image_size, hflip=False):
+    def __init__(self, root, image_size):
         self.root = Path(root)
         self.image_size = image_size
-        self.hflip = hflip
         self.classes, files = _find_images(self.root)
         # Filled in place: torch.stack of a list would briefly need twice the RAM.
         fits = len(files) * 3 * image_size**2 <= CACHE_LIMIT_BYTES
@@ -134,12 +137,7 @@ class ImageFolder(torch.utils.data.Dataset):
             image = self.cache[i]
         else:
             image = _load_image(self.paths[i], self.image_size)
-        x = image.float() / 127.5 - 1.0
-        # torch's global RNG: seeding torch makes flips reproducible, and each
-        # DataLoader worker is given its own torch seed automatically.
-        if self.hflip and torch.rand(()) < 0.5:
-            x = x.flip(-1)
-        return x, self.labels[i]
+        return image.float() / 127.5 - 1.0, self.labels[i]
 
 
 def check_batch_size(dataset, batch_size):

@@ -14,9 +14,11 @@ import torch
 if not torch.cuda.is_available():  # must happen before anything imports triton
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import dataclasses
 import inspect
 import json
 import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -972,22 +974,20 @@ def test_class_with_only_corrupt_files_is_empty(tmp_path):
             ImageFolder(tmp_path, image_size=8)
 
 
-def test_hflip_is_seeded_and_flips(tmp_path):
-    stripes(tmp_path / "a" / "lr.png", (8, 8), [RED, BLUE])
-    plain = ImageFolder(tmp_path, image_size=8)[0][0]
-    data = ImageFolder(tmp_path, image_size=8, hflip=True)
-
-    def draws():
-        torch.manual_seed(123)
-        return [data[0][0] for _ in range(32)]
-
-    first, second = draws(), draws()
-    assert all(torch.equal(a, b) for a, b in zip(first, second))
-    flipped = [torch.equal(x, plain.flip(-1)) for x in first]
-    assert all(f or torch.equal(x, plain) for f, x in zip(flipped, first))
-    assert 4 <= sum(flipped) <= 28  # roughly half, never all or none
-    no_flip = ImageFolder(tmp_path, image_size=8, hflip=False)
-    assert all(torch.equal(no_flip[0][0], plain) for _ in range(16))
+def test_16_bit_grey_png_keeps_its_grey_levels(tmp_path):
+    # PIL's convert("RGB") clips 16-bit values above 255 to white: mid-grey came out solid white.
+    import numpy as np
+    levels = np.array([[0, 16384], [32768, 65535]], dtype=np.uint16).repeat(4, 0).repeat(4, 1)  # (8, 8)
+    (tmp_path / "a").mkdir()
+    Image.fromarray(levels).save(tmp_path / "a" / "deep.png")
+    assert Image.open(tmp_path / "a" / "deep.png").mode == "I;16"
+    x = ImageFolder(tmp_path, image_size=8)[0][0]
+    pixels = ((x[0] + 1) * 127.5).round()                      # back to 0..255, one channel
+    assert torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])  # grey stays grey
+    assert pixels[:4, :4].unique().tolist() == [0.0]
+    assert pixels[:4, 4:].unique().tolist() == [64.0]          # 16384 / 257, rounded
+    assert pixels[4:, :4].unique().tolist() == [128.0]
+    assert pixels[4:, 4:].unique().tolist() == [255.0]
 
 
 def test_lazy_decoding_matches_cache(tmp_path, monkeypatch):
@@ -1113,7 +1113,7 @@ ROOT = Path(__file__).resolve().parent
 
 def test_config_parses_types_dashes_and_flags():
     cfg = parse_args(TrainConfig, ["--batch-size", "32", "--lr=3e-4", "--compile", "--no-hflip",
-                                   "--grad-checkpointing=false", "--steps=2e3", "--attn", "math"], TRAIN_PRESETS)
+                                   "--no-grad-checkpointing", "--steps=2e3", "--attn", "math"], TRAIN_PRESETS)
     assert (cfg.batch_size, cfg.lr, cfg.compile, cfg.hflip, cfg.grad_checkpointing, cfg.steps, cfg.attn) == (
         32, 3e-4, True, False, False, 2000, "math")
     assert isinstance(cfg.batch_size, int) and isinstance(cfg.lr, float)
@@ -1128,18 +1128,53 @@ def test_config_presets_apply_before_overrides():
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--bach-size", "3"], "unknown option --bach-size; valid options: --preset"),
-    (["--batch-size", "3.5"], "--batch-size: expected int, got '3.5'"),
-    (["--lr", "fast"], "--lr: expected float, got 'fast'"),
-    (["--attn", "flash"], "--attn: 'flash' is not one of auto, triton, sdpa, math"),
-    (["--steps"], "--steps needs a value (int)"),
-    (["--no-lr"], "--no-lr only works for on/off options"),
-    (["--compile=maybe"], "--compile: expected bool"),
+    (["--bach-size", "3"], "unknown option --bach-size (did you mean --batch-size?); valid options: --preset"),
+    (["--batch-size", "3.5"], "argument --batch-size: expected an integer >= 1, got '3.5'"),
+    (["--lr", "fast"], "argument --lr: expected a number > 0, got 'fast'"),
+    (["--attn", "flash"], "argument --attn: invalid choice: 'flash'"),
+    (["--steps"], "argument --steps: expected one argument"),
+    (["--no-lr"], "unknown option --no-lr (did you mean --lr?)"),
+    (["--compile=maybe"], "--compile/--no-compile: ignored explicit argument 'maybe'"),
     (["steps=3"], "unexpected argument 'steps=3'"),
+    # Values outside their range: each used to pass the parser and fail later, or not at all.
+    (["--batch-size", "0"], "argument --batch-size: expected an integer >= 1, got '0'"),
+    (["--batch-size", "-2"], "argument --batch-size: expected an integer >= 1, got '-2'"),
+    (["--lr", "-1"], "argument --lr: expected a number > 0, got '-1'"),
+    (["--lr", "nan"], "argument --lr: expected a number > 0, got 'nan'"),
+    (["--image-size", "-16"], "argument --image-size: expected an integer >= 1, got '-16'"),
+    (["--image-size", "0"], "argument --image-size: expected an integer >= 1, got '0'"),
+    (["--log-every", "0"], "argument --log-every: expected an integer >= 1, got '0'"),
+    (["--ckpt-every", "0"], "argument --ckpt-every: expected an integer >= 1, got '0'"),
+    (["--workers", "-1"], "argument --workers: expected an integer >= 0, got '-1'"),
+    (["--class-dropout", "1.5"], "argument --class-dropout: expected a number in [0, 1), got '1.5'"),
+    (["--ema-decay", "inf"], "argument --ema-decay: expected a number in [0, 1], got 'inf'"),
 ])
 def test_config_errors_name_the_problem(argv, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ConfigError) as caught:
         parse_args(TrainConfig, argv, TRAIN_PRESETS)
+    assert message in str(caught.value)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--num", "0"], "argument --num: expected an integer >= 1, got '0'"),
+    (["--num", "-1"], "argument --num: expected an integer >= 1, got '-1'"),
+    (["--zoom", "0"], "argument --zoom: expected an integer >= 1, got '0'"),
+    (["--batch-size", "0"], "argument --batch-size: expected an integer >= 1, got '0'"),
+    (["--eta", "2"], "argument --eta: expected a number in [0, 1], got '2'"),
+])
+def test_sample_config_ranges(argv, message):
+    with pytest.raises(ConfigError) as caught:
+        parse_args(SampleConfig, argv)
+    assert message in str(caught.value)
+
+
+def test_every_default_and_preset_is_in_its_declared_range():
+    import config
+    for name, preset in TRAIN_PRESETS.items():
+        cfg = dataclasses.replace(TrainConfig(), **preset)
+        for f in dataclasses.fields(TrainConfig):
+            if f.type in (int, float):
+                assert config.in_range(f, getattr(cfg, f.name)), (name, f.name)
 
 
 def test_every_preset_names_real_fields():
@@ -1166,11 +1201,31 @@ def tiny_args(data, out, steps, *extra):
             "--sample-every", "0", "--sample-steps", "2", "--warmup-steps", "2", "--device", "cpu", *extra]
 
 
+TINY_RUN = ("--lr", "3e-3", "--log-every", "20")
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "tiny"
-    summary = train.main(tiny_args(tiny_data, out, 80, "--lr", "3e-3", "--log-every", "20"))
+    summary = train.main(tiny_args(tiny_data, out, 80, *TINY_RUN))
     return out, summary
+
+
+def copy_run(run, to):
+    shutil.copytree(run, to)
+    return to
+
+
+def snapshot(folder):
+    """Every file's bytes, except the lock file (each start writes its pid there)."""
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(Path(folder).rglob("*"))
+            if p.is_file() and p.name != "train.lock"}
+
+
+def strict_json(path):
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+    return json.loads(Path(path).read_text(), parse_constant=refuse)
 
 
 def test_training_lowers_the_loss_and_writes_its_run(tiny_run):
@@ -1178,9 +1233,13 @@ def test_training_lowers_the_loss_and_writes_its_run(tiny_run):
     rows = (out / "metrics.csv").read_text().splitlines()[1:]
     losses = [float(r.split(",")[1]) for r in rows]
     assert len(losses) == 4 and losses[-1] < 0.7 * losses[0], losses
-    assert summary["steps"] == 80 and json.loads((out / "summary.json").read_text()) == summary
+    assert summary["steps"] == 80 and strict_json(out / "summary.json") == summary
     assert [p.name for p in train.checkpoint_files(out)] == ["step_0000080.pt", "step_0000078.pt"]
-    assert list(out.glob("events.out.tfevents.*")) and (out / "samples" / "step_0000080.png").exists()
+    assert list(out.glob("events.out.tfevents.*"))
+    # The grid for people, enlarged (nearest pixel) to >= 256 px, and the raw one for programs:
+    # 8 classes x 8 samples of 16 px with 1 px of padding.
+    assert Image.open(out / "samples" / "step_0000080_raw.png").size == (137, 137)
+    assert Image.open(out / "samples" / "step_0000080.png").size == (274, 274)
     state = train.load_checkpoint(out)
     assert state["classes"] == dataset.ImageFolder(state["config"]["data"], 16).classes
     assert set(state) >= {"model", "ema", "opt", "step", "rng", "config", "model_args", "data_batches"}
@@ -1213,51 +1272,214 @@ def start_training(args):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def wait_for_checkpoint(proc, out, timeout=120):
+def wait_for(proc, ready, timeout=120):
     deadline = time.time() + timeout
-    while not train.checkpoint_files(out):
+    while not ready():
         assert proc.poll() is None, proc.stdout.read()
-        assert time.time() < deadline, "no checkpoint appeared"
+        assert time.time() < deadline, "timed out"
         time.sleep(0.01)
 
 
-def test_sigkill_then_restart_reaches_the_same_weights(tiny_data, tmp_path):
+def logged_rows(out):
+    path = Path(out, "metrics.csv")
+    return len(path.read_text().splitlines()) - 1 if path.exists() else 0
+
+
+def test_sigkill_then_restart_reaches_the_same_weights_and_the_lock_is_not_stale(tiny_data, tmp_path):
     extra = ("--lr-schedule", "constant")  # with a constant lr, --steps only says where to stop
-    train.main(tiny_args(tiny_data, tmp_path / "full", 30, *extra))
-    proc = start_training(tiny_args(tiny_data, tmp_path / "killed", 100_000, *extra))
-    wait_for_checkpoint(proc, tmp_path / "killed")
+    killed = tmp_path / "killed"
+    proc = start_training(tiny_args(tiny_data, killed, 100_000, *extra))
+    wait_for(proc, lambda: train.checkpoint_files(killed))
+    # While it runs, a second trainer on the same --out is refused and told which process runs.
+    with pytest.raises(SystemExit, match=rf"--out {killed} is in use by another train.py \(pid {proc.pid}\)"):
+        train.main(tiny_args(tiny_data, killed, 100_000, *extra))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    train.main(tiny_args(tiny_data, tmp_path / "killed", 30, *extra))
-    assert_same_weights(final_weights(tmp_path / "killed"), final_weights(tmp_path / "full"))
+    # The kernel dropped the dead process's lock, so the restart is not blocked by it.
+    target = train.load_checkpoint(killed)["step"] + 4
+    train.main(tiny_args(tiny_data, killed, target, *extra))
+    train.main(tiny_args(tiny_data, tmp_path / "full", target, *extra))
+    assert_same_weights(final_weights(killed), final_weights(tmp_path / "full"))
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_data, tmp_path):
-    proc = start_training(tiny_args(tiny_data, tmp_path, 100_000, "--ckpt-every", "1000"))
-    deadline = time.time() + 120
-    while not (tmp_path / "metrics.csv").exists() or len((tmp_path / "metrics.csv").read_text().splitlines()) < 2:
-        assert proc.poll() is None and time.time() < deadline
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
-    output = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 0, output
-    assert "checkpoint saved" in output
-    state = train.load_checkpoint(tmp_path)
-    assert state["step"] >= 2 and json.loads((tmp_path / "summary.json").read_text())["interrupted"]
+@pytest.mark.parametrize("sig,status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_saves_a_checkpoint_and_exits_with_128_plus_its_number(tiny_data, tmp_path, sig, status, capsys):
+    # A stopped run must not look finished to a script: SIGINT used to exit 0. In-process (the
+    # signal goes to this very process once training logs), which saves starting a Python.
+    import threading
+
+    def signal_once_training():
+        deadline = time.time() + 120
+        while logged_rows(tmp_path) < 1 and time.time() < deadline:
+            time.sleep(0.01)
+        os.kill(os.getpid(), sig)
+
+    threading.Thread(target=signal_once_training, daemon=True).start()
+    with pytest.raises(SystemExit) as exited:
+        train.main(tiny_args(tiny_data, tmp_path, 100_000, "--ckpt-every", "1000"))
+    assert exited.value.code == status
+    printed = capsys.readouterr().out
+    assert f"stopped by {sig.name}" in printed and "checkpoint saved" in printed
+    state, summary = train.load_checkpoint(tmp_path), strict_json(tmp_path / "summary.json")
+    assert state["step"] >= 2 and summary["interrupted"] and summary["steps"] == state["step"]
+    assert math.isfinite(summary["final_loss"])
 
 
 def test_truncated_newest_checkpoint_falls_back_with_a_warning(tiny_run, tmp_path):
-    import shutil
-    out = tmp_path / "run"
-    shutil.copytree(tiny_run[0], out)
+    out = copy_run(tiny_run[0], tmp_path / "run")
     newest, previous = train.checkpoint_files(out)
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
     with pytest.warns(UserWarning, match="unreadable.*falling back"):
         state = train.load_checkpoint(out)
-    assert state["step"] == int(previous.stem.split("_")[1])
+    assert state["step"] == 78
     with pytest.raises(train.CheckpointError, match="unreadable"):
         train.load_checkpoint(newest)
+
+
+class RunsCode:
+    """Unpickling this calls open(path, "w"): any function a hostile checkpoint names would run."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_a_checkpoint_that_would_run_code_is_never_loaded(tiny_run, tiny_data, tmp_path):
+    marker = tmp_path / "code_ran"
+    hostile = {key: RunsCode(marker) for key in ("model", "ema", "opt", "step", "wall_time", "rng", "config",
+                                                 "model_args", "diffusion_args", "classes")}
+    torch.save(hostile, tmp_path / "shared.pt")
+    with pytest.raises(SystemExit, match=r"shared.pt is not a checkpoint of this project \(it asks to run .*open\)"):
+        run_sample(tmp_path / "shared.pt", tmp_path / "samples")
+    # Planted in a run as its newest checkpoint: skipped with a warning, and the run resumes.
+    run = copy_run(tiny_run[0], tmp_path / "run")
+    torch.save(hostile, run / "checkpoints" / "step_9999999.pt")
+    with pytest.warns(UserWarning, match="step_9999999.pt is not a checkpoint of this project.*falling back"):
+        summary = train.main(tiny_args(tiny_data, run, 82, *TINY_RUN))
+    assert summary["steps"] == 82 and not marker.exists()
+    # Our own format with keys missing: named, not a KeyError.
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(SystemExit, match=r"other.pt is not a checkpoint of this project \(it lacks model, ema"):
+        run_sample(tmp_path / "other.pt", tmp_path / "samples")
+
+
+def test_only_the_checkpoint_names_the_trainer_writes_count(tiny_run, tmp_path):
+    run = copy_run(tiny_run[0], tmp_path / "run")
+    ckpts = run / "checkpoints"
+    strays = ["step_best.pt", "step_0000012 copy.pt", "step_00000090.pt", "notes.txt"]
+    for name in strays:  # a user's copies: they once rolled a run back, crashed saves, got deleted
+        shutil.copy(ckpts / "step_0000078.pt", ckpts / name)
+    assert [p.name for p in train.checkpoint_files(run)] == ["step_0000080.pt", "step_0000078.pt"]
+    assert train.load_checkpoint(run)["step"] == 80
+    # Ordered by number, not by name: step 10,000,000 sorts before 9,999,999 as text.
+    state = train.load_checkpoint(run)
+    for step in (9_999_999, 10_000_000, 10_000_001):
+        train.save_checkpoint({**state, "step": step}, run)
+    assert sorted(p.name for p in ckpts.iterdir()) == sorted(["step_10000001.pt", "step_10000000.pt", *strays])
+    assert train.load_checkpoint(run)["step"] == 10_000_001
+
+
+def test_two_first_runs_generate_the_built_in_data_together_safely(tmp_path):
+    import threading
+    root, barrier, errors = tmp_path / "data" / "shapes", threading.Barrier(2), []
+
+    def first_run():  # a thread has its own lock file descriptor, so it contends like a process
+        barrier.wait()
+        try:
+            train.prepare_builtin_data(root, images_per_class=40, image_size=16)
+        except Exception as err:  # without the lock: FileExistsError from the shared temp folder
+            errors.append(err)
+
+    threads = [threading.Thread(target=first_run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert len(ImageFolder(root, image_size=16)) == 8 * 40
+    assert sorted(p.name for p in root.parent.iterdir()) == [".shapes.lock", "shapes"]
+
+
+def test_an_out_that_is_not_a_run_of_this_project_is_refused(tiny_data, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text("my own settings")
+    (mine / "summary.json").write_text("my own notes")
+    before = snapshot(mine)
+    with pytest.raises(SystemExit, match="holds files that are not a run of this project"):
+        train.main(tiny_args(tiny_data, mine, 2))
+    assert snapshot(mine) == before and len(list(mine.iterdir())) == 2
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("not a folder")
+    for out, message in [("", "--out is empty"), (a_file, "is a file"), (a_file / "run", "cannot write there"),
+                         ("/proc/dit-test-run", "cannot write there")]:   # /proc: read-only, even for root
+        with pytest.raises(SystemExit, match=message):
+            train.main(tiny_args(tiny_data, out, 2))
+
+
+def test_a_finished_run_says_so_and_touches_nothing(tiny_run, tiny_data, tmp_path, capsys):
+    run = copy_run(tiny_run[0], tmp_path / "run")
+    before = snapshot(run)
+    summary = train.main(tiny_args(tiny_data, run, 80, *TINY_RUN))
+    printed = capsys.readouterr().out
+    assert f"{run} already finished at step 80" in printed and "pass a larger --steps" in printed
+    assert snapshot(run) == before and summary == strict_json(run / "summary.json")
+
+
+def test_divergence_stops_the_run_before_anything_non_finite_is_saved(tiny_data, tmp_path):
+    # A huge learning rate without clipping: the loss explodes within a few steps.
+    args = tiny_args(tiny_data, tmp_path, 30, "--lr", "1e5", "--grad-clip", "0", "--warmup-steps", "0",
+                     "--lr-schedule", "constant", "--log-every", "5")
+    with pytest.raises(SystemExit, match=r"training diverged .*Lower --lr \(now 100000\) or keep --grad-clip"):
+        train.main(args)
+    assert train.checkpoint_files(tmp_path)  # the good ones stay
+    for path in train.checkpoint_files(tmp_path):
+        state = train.load_checkpoint(path)
+        tensors = [*state["model"].values(), *state["ema"].values(),
+                   *(v for s in state["opt"]["state"].values() for v in s.values())]
+        assert all(torch.isfinite(t).all() for t in tensors), path
+    assert all(math.isfinite(float(v)) for row in (tmp_path / "metrics.csv").read_text().splitlines()[1:]
+               for v in row.split(","))
+
+
+def test_bad_flags_are_one_line_errors_before_anything_runs(tiny_data, tmp_path, monkeypatch):
+    for extra, message in [(("--image-size", "0"), "argument --image-size: expected an integer >= 1"),
+                           (("--batch-size", "-2"), "argument --batch-size: expected an integer >= 1"),
+                           (("--image-size", "18"), "not a multiple of DiT-Mi/4's patch size 4")]:
+        with pytest.raises(SystemExit, match=message):
+            train.main(tiny_args(tiny_data, tmp_path / "run", 2, *extra))
+    monkeypatch.delenv("TRITON_INTERPRET")  # a CPU without the interpreter cannot run the kernel
+    with pytest.raises(SystemExit, match="--attn triton on a CPU runs only in Triton's interpreter"):
+        train.main(tiny_args(tiny_data, tmp_path / "run", 2, "--attn", "triton"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_garbage_row_in_metrics_csv_is_dropped_with_a_warning(tiny_run, tiny_data, tmp_path):
+    run = copy_run(tiny_run[0], tmp_path / "run")
+    with open(run / "metrics.csv", "a") as f:
+        f.write("garbage\nten,1,2,3,4,5,6\n")
+    with pytest.warns(UserWarning, match="dropped 2 row"):
+        train.main(tiny_args(tiny_data, run, 82, *TINY_RUN))
+    steps = [int(r.split(",")[0]) for r in (run / "metrics.csv").read_text().splitlines()[1:]]
+    assert steps == [20, 40, 60, 80, 82]
+
+
+def test_a_full_disk_leaves_no_partial_file_and_says_so(tiny_run, tiny_data, tmp_path, monkeypatch):
+    import errno
+    run = copy_run(tiny_run[0], tmp_path / "run")
+
+    def disk_fills_up(obj, f):
+        f.write(b"the first half of a checkpoint")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(train.torch, "save", disk_fills_up)
+    with pytest.raises(SystemExit, match=r"could not write .*step_0000082.pt \(No space left on device\); "
+                                         r"the older checkpoints are intact"):
+        train.main(tiny_args(tiny_data, run, 82, *TINY_RUN))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000078.pt", "step_0000080.pt"]
 
 
 def test_resuming_with_another_model_is_a_clear_error(tiny_run, tiny_data):
@@ -1267,7 +1489,7 @@ def test_resuming_with_another_model_is_a_clear_error(tiny_run, tiny_data):
 
 @pytest.mark.parametrize("make,message", [
     (lambda p: p / "nowhere", "does not exist"),
-    (lambda p: p, "no class"),
+    (lambda p: (p / "empty").mkdir() or p / "empty", "no class"),
 ])
 def test_bad_data_is_a_clear_error(tmp_path, make, message):
     with pytest.raises(SystemExit, match=message):
@@ -1279,17 +1501,53 @@ def test_batch_larger_than_data_is_a_clear_error(tiny_data, tmp_path):
         train.main(tiny_args(tiny_data, tmp_path / "run", 2, "--batch-size", "64"))
 
 
-def test_two_process_gloo_run_with_torchrun(tiny_data, tmp_path):
-    out = tmp_path / "ddp"
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-         str(ROOT / "train.py"), *tiny_args(tiny_data, out, 4)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+def torchrun(args):
+    """Two processes on gloo, on a port the OS just said is free (a fixed one collides)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+         str(ROOT / "train.py"), *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert [p.name for p in train.checkpoint_files(out)] == ["step_0000004.pt", "step_0000002.pt"]
-    assert len(list(out.glob("events.out.tfevents.*"))) == 1  # only rank 0 writes
-    assert json.loads((out / "summary.json").read_text())["steps"] == 4
+
+
+def rank_pid(out, rank):
+    """The pid of the training process of `rank` whose command line names `out` (Linux /proc)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if (str(out) in (proc / "cmdline").read_text() and "train.py" in (proc / "cmdline").read_text()
+                    and f"\0RANK={rank}\0" in "\0" + (proc / "environ").read_text()):
+                return int(proc.name)
+        except OSError:
+            continue
+    raise AssertionError(f"no rank {rank} process for {out}")
+
+
+def test_two_process_gloo_run_stops_together_and_resumes_bitwise(tiny_data, tmp_path):
+    extra = ("--lr-schedule", "constant", "--hflip")
+    split, full = tmp_path / "split", tmp_path / "full"
+    proc = torchrun(tiny_args(tiny_data, split, 100_000, *extra))
+    wait_for(proc, lambda: logged_rows(split) >= 1, timeout=180)
+    # A signal that only rank 1 sees: every rank must stop at the same step (not hang), and save.
+    os.kill(rank_pid(split, 1), signal.SIGTERM)
+    output = proc.communicate(timeout=180)[0]
+    assert proc.returncode != 0 and "stopped by SIGTERM" in output, output
+    state = train.load_checkpoint(split)
+    assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["cpu"], state["rng"][1]["cpu"])
+    target = state["step"] + 4
+    # Resumed, every rank continues its own random stream: bitwise the uninterrupted run.
+    for out in (split, full):
+        proc = torchrun(tiny_args(tiny_data, out, target, *extra))
+        output = proc.communicate(timeout=300)[0]
+        assert proc.returncode == 0, output
+    assert_same_weights(final_weights(split), final_weights(full))
+    assert_same_weights(*(train.load_checkpoint(r)["ema"] for r in (split, full)))
+    names = [p.name for p in train.checkpoint_files(full)]
+    assert names == [train.checkpoint_name(target), train.checkpoint_name(target - 2)]
+    assert len(list(full.glob("events.out.tfevents.*"))) == 1  # only rank 0 writes
+    assert strict_json(full / "summary.json")["steps"] == target
 
 
 def test_benchmark_prints_one_line_and_writes_nothing(tmp_path, capsys):
@@ -1300,6 +1558,30 @@ def test_benchmark_prints_one_line_and_writes_nothing(tmp_path, capsys):
     assert line.startswith("benchmark | DiT-Mi/4 16px | batch 4") and "img/s" in line and "ms/step" in line
     assert result["img_per_s"] > 0 and result["tflops"] > 0
     assert not out.exists()
+
+
+class RecordingWriter:
+    def __init__(self):
+        self.histograms = {}
+
+    def add_image(self, *args):
+        pass
+
+    def add_histogram(self, tag, values, step):
+        self.histograms[tag] = values
+
+
+def test_prediction_histogram_is_the_output_on_fresh_noise(tmp_path):
+    # It used to be fed the finished samples, whatever its comment said.
+    model = randomize(tiny_model(input_size=8, num_classes=3)).eval()
+    diffusion = dit.GaussianDiffusion(schedule="cosine", prediction="v")
+    writer, cfg = RecordingWriter(), TrainConfig(sample_steps=2, cfg_scale=1.0)
+    train.write_samples(model, diffusion, cfg, ["a", "b", "c"], torch.device("cpu"), tmp_path, writer, 7, per_class=4)
+    noise = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(7))
+    t = torch.full((4,), diffusion.num_timesteps - 1)
+    with torch.no_grad():
+        expected = model(noise, t, torch.tensor([0, 1, 2, 0]))
+    torch.testing.assert_close(writer.histograms["ema/prediction"], expected)
 
 
 # -----------------------------------------------------------------------------
@@ -1317,11 +1599,12 @@ def test_sample_writes_grid_and_one_file_per_sample(tiny_run, tmp_path, capsys):
     files = sorted(p.name for p in tmp_path.glob("*.png"))
     assert files == ["circle_000.png", "circle_001.png", "grid.png", "star_000.png", "star_001.png", "steps.png"]
     assert all(str(tmp_path / f) in printed for f in files)
-    assert Image.open(tmp_path / "grid.png").size == (2 * 17 + 1, 2 * 17 + 1)   # 2 per row, 2 rows
-    assert Image.open(tmp_path / "star_000.png").size == (16, 16)
-    # one row per label; min(10, steps) snapshots of x_t, the last one the sample itself
-    assert Image.open(tmp_path / "steps.png").size == (4 * 17 + 1, 2 * 17 + 1)
-    run_sample(tiny_run[0], tmp_path / "zoom", "--label", "0", "--zoom", "3")
+    assert Image.open(tmp_path / "star_000.png").size == (16, 16)          # the raw images, for programs
+    # The grids, for people, enlarged to at least 256 px wide: 2 per row and 2 rows of 17 px + 1
+    # (x8); one row per label and min(10, steps) snapshots of x_t, the last one the sample (x4).
+    assert Image.open(tmp_path / "grid.png").size == (8 * 35, 8 * 35)
+    assert Image.open(tmp_path / "steps.png").size == (4 * 69, 4 * 35)
+    run_sample(tiny_run[0], tmp_path / "zoom", "--label", "0", "--zoom", "3")  # an explicit zoom wins
     assert Image.open(tmp_path / "zoom" / "grid.png").size == (3 * 35, 3 * 18)
 
 
@@ -1333,26 +1616,53 @@ def test_same_seed_same_images_other_label_other_images(tiny_run, tmp_path):
     assert (a - c).abs().max() > 1e-3
 
 
+def test_images_do_not_depend_on_the_batch_size(tiny_run):
+    model, diffusion, _ = sample.load_model(tiny_run[0], torch.device("cpu"))
+    seen = []  # the batch each network call sees (guidance may double it)
+    model.x_embedder.register_forward_hook(lambda module, args, out: seen.append(len(args[0])))
+    one_go, _ = sample.generate(model, diffusion, [1, 4], SampleConfig(num=3, steps=3, seed=5), torch.device("cpu"))
+    assert max(seen) > 2 * 4
+    seen.clear()
+    batched, _ = sample.generate(model, diffusion, [1, 4], SampleConfig(num=3, steps=3, seed=5, batch_size=4),
+                                 torch.device("cpu"))
+    assert max(seen) <= 2 * 4
+    torch.testing.assert_close(batched, one_go, rtol=0, atol=1e-6)
+
+
 def test_cfg_scale_one_is_the_conditional_model(tiny_run):
     model, diffusion, _ = sample.load_model(tiny_run[0], torch.device("cpu"))
     cfg = SampleConfig(num=2, steps=4, cfg_scale=1.0, seed=3)
     ours, _ = sample.generate(model, diffusion, [1], cfg, torch.device("cpu"))
-    gen = torch.Generator().manual_seed(3)
     y = torch.tensor([1, 1])
-    noise = torch.randn(2, 3, 16, 16, generator=gen)
-    ref = diffusion.sample(lambda x, t: model(x, t, y), noise, steps=4, generator=gen)
+    noise = torch.stack([sample.initial_noise(3, i, (3, 16, 16)) for i in range(2)])
+    ref = diffusion.sample(lambda x, t: model(x, t, y), noise, steps=4)
     torch.testing.assert_close(ours, (ref.clamp(-1, 1) + 1) / 2)
     guided, _ = sample.generate(model, diffusion, [1], SampleConfig(num=2, steps=4, cfg_scale=4.0, seed=3),
                                 torch.device("cpu"))
     assert (guided - ours).abs().max() > 1e-4
 
 
-def test_sample_errors_are_clear(tiny_run, tmp_path):
+def test_sample_errors_are_clear(tiny_run, tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=r"unknown label 'dragon'; valid labels: 0 \(circle\), 1 \(cross\)"):
         run_sample(tiny_run[0], tmp_path, "--label", "dragon")
     with pytest.raises(SystemExit, match="run `python train.py` first"):
         run_sample(tmp_path / "no_run", tmp_path)
     broken = tmp_path / "broken.pt"
     broken.write_bytes(b"not a checkpoint")
-    with pytest.raises(SystemExit, match="unreadable"):
+    with pytest.raises(SystemExit, match="broken.pt is not a checkpoint of this project"):
         run_sample(broken, tmp_path)
+    for bad in (["--num", "0"], ["--zoom", "0"]):
+        with pytest.raises(SystemExit, match=f"argument {bad[0]}: expected an integer >= 1"):
+            run_sample(tiny_run[0], tmp_path, *bad)
+    # --out is checked before any sampling, not after it.
+    taken = tmp_path / "taken.png"
+    taken.write_text("a file")
+    monkeypatch.setattr(sample, "generate", lambda *args, **kwargs: pytest.fail("sampled before checking --out"))
+    with pytest.raises(SystemExit, match=f"--out {taken} is a file"):
+        run_sample(tiny_run[0], taken)
+
+
+def test_ckpt_may_name_the_checkpoints_folder(tiny_run, tmp_path):
+    a = run_sample(tiny_run[0], tmp_path / "a", "--label", "1")
+    b = run_sample(tiny_run[0] / "checkpoints", tmp_path / "b", "--label", "1")
+    assert torch.equal(a, b)
