@@ -19,7 +19,6 @@ Generate the built-in set and print a summary:
 """
 
 import argparse
-import colorsys
 import math
 import random
 import shutil
@@ -191,19 +190,26 @@ def _outline(name):
     raise ValueError(f"unknown shape {name!r}")
 
 
+# Six bright colours, picked at random for every image whatever its class: a model must learn to
+# paint one flat colour per shape, but a handful of colours is learned in minutes, where a
+# continuum of hues and shades would take capacity away from the outlines.
+PALETTE = ((235, 64, 52), (245, 160, 30), (240, 220, 40), (60, 200, 80), (50, 130, 240), (200, 80, 220))
+
+
 def draw_shape(name, image_size, rng):
     """One random instance of a shape as a PIL image (image_size squared)."""
     side = image_size * SUPERSAMPLE
-    # A black background and a bright shape of random hue: the class lives in the outline
-    # alone, so a small model spends its few minutes on shape rather than on colour noise.
+    # A black background and a bright shape: the class lives in the outline alone, so a small
+    # model spends its few minutes on shape rather than on background noise.
     background = (0, 0, 0)
-    hue, saturation, value = rng.random(), rng.uniform(0.5, 1.0), rng.uniform(0.75, 1.0)
-    foreground = tuple(round(255 * c) for c in colorsys.hsv_to_rgb(hue, saturation, value))
-    radius = rng.uniform(0.55, 0.9) * side / 2
-    # Keep the whole shape in frame; rotate only up to a quarter turn either
-    # way so hearts, moons and triangles stay upright enough to judge by eye.
-    cx, cy = (rng.uniform(radius, side - radius) for _ in range(2))
-    angle = math.radians(rng.uniform(-45.0, 45.0))
+    foreground = rng.choice(PALETTE)
+    # Large and near the centre, turned at most 20 degrees: at 32 px a small or strongly turned
+    # shape loses its corners to the pixels (a square at 45 degrees is a diamond, a triangle on
+    # its side reads as an arrow), and a person would not recognise it either.
+    radius = rng.uniform(0.7, 0.92) * side / 2
+    slack = min(side / 2 - radius, 0.08 * side)
+    cx, cy = (side / 2 + rng.uniform(-slack, slack) for _ in range(2))
+    angle = math.radians(rng.uniform(-20.0, 20.0))
     cos, sin = math.cos(angle), math.sin(angle)
     image = Image.new("RGB", (side, side), background)
     pen = ImageDraw.Draw(image)
@@ -214,7 +220,7 @@ def draw_shape(name, image_size, rng):
 
 
 def _settings(images_per_class, image_size, seed):
-    return f"shapes v2 images_per_class={images_per_class} image_size={image_size} seed={seed}\n"
+    return f"shapes v3 images_per_class={images_per_class} image_size={image_size} seed={seed}\n"
 
 
 def make_shapes_dataset(root, images_per_class=500, image_size=32, seed=0):
