@@ -29,11 +29,11 @@ class TrainConfig:
     # data and run directory
     data: str = option("", "class-per-folder image directory; empty: the built-in shapes set")
     out: str = option("runs/default", "run directory: checkpoints, TensorBoard, samples, metrics")
-    image_size: int = option(32, "images are resized and centre-cropped to this size")
+    image_size: int = option(16, "images are resized and centre-cropped to this size")
     hflip: bool = option(False, "random horizontal flips (off: flipping changes some classes' meaning)")
     workers: int = option(0, "DataLoader worker processes (0: load in the training process)")
     # model
-    model: str = option("DiT-Ti/8", "a preset of dit.DiT_models")
+    model: str = option("DiT-Ti/4", "a preset of dit.DiT_models")
     learn_sigma: bool = option(False, "also learn the reverse variance (Improved DDPM hybrid loss)")
     class_dropout: float = option(0.1, "probability of the null label in training (for guidance)")
     attn: str = option("auto", "attention backend", ("auto", "triton", "sdpa", "math"))
@@ -43,7 +43,7 @@ class TrainConfig:
     prediction: str = option("v", "what the network predicts", ("eps", "v"))
     loss_weighting: str = option("min_snr", "per-timestep loss weights", ("uniform", "min_snr"))
     # optimisation
-    steps: int = option(4000, "optimizer steps in total (a resumed run continues to this number)")
+    steps: int = option(3600, "optimizer steps in total (a resumed run continues to this number)")
     batch_size: int = option(32, "images per optimizer step, over all processes")
     lr: float = option(2e-3, "peak AdamW learning rate")
     lr_schedule: str = option("cosine", "after warm-up: constant, or cosine decay to lr/10", ("constant", "cosine"))
