@@ -48,6 +48,8 @@ class TrainConfig:
     grad_checkpointing: bool = option(False, "recompute each block in the backward pass to save memory")
     # diffusion
     schedule: str = option("cosine", "noise schedule", ("linear", "cosine"))
+    noise_shift: float = option(1.0, "divide the schedule's SNR by this squared (simple diffusion: "
+                                "about image_size / 16 here)", above=0)
     prediction: str = option("v", "what the network predicts", ("eps", "v"))
     loss_weighting: str = option("min_snr", "per-timestep loss weights", ("uniform", "min_snr"))
     # optimisation

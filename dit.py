@@ -488,18 +488,30 @@ def forward_gmacs(model):
 # betas, min-SNR weighting, fixed sigma, which learns recognisable 16 px images in minutes on a CPU.
 # -----------------------------------------------------------------------------
 
-def make_betas(schedule, num_timesteps):
+def make_betas(schedule, num_timesteps, noise_shift=1.0):
     """beta_t for t = 0 .. T-1: DDPM's linear 1e-4..0.02 (scaled for T != 1000), or the cosine
-    schedule of Nichol & Dhariwal (2021), which destroys small images less abruptly."""
+    schedule of Nichol & Dhariwal (2021), which destroys small images less abruptly.
+
+    noise_shift s divides every step's signal-to-noise ratio abar / (1 - abar) by s ** 2
+    (Hoogeboom et al. 2023, "simple diffusion"). Averaging s x s pixels halves the noise's std per
+    doubling, so at s times the resolution the same abar leaves the image's coarse shape far
+    clearer; the shift restores the noise level a coarse shape sees at the base resolution."""
     if schedule == "linear":
         scale = 1000 / num_timesteps
-        return torch.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=torch.float64)
-    if schedule == "cosine":
+        betas = torch.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=torch.float64)
+    elif schedule == "cosine":
         s = 0.008
         steps = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
         alpha_bar = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
-        return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
-    raise ValueError(f"unknown noise schedule {schedule!r}; choose 'linear' or 'cosine'")
+        betas = (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
+    else:
+        raise ValueError(f"unknown noise schedule {schedule!r}; choose 'linear' or 'cosine'")
+    if noise_shift == 1:
+        return betas
+    alpha_bar = torch.cumprod(1 - betas, dim=0)                                  # (T,)
+    alpha_bar = alpha_bar / (alpha_bar + (1 - alpha_bar) * noise_shift ** 2)     # SNR / s^2
+    alpha_bar_prev = F.pad(alpha_bar[:-1], (1, 0), value=1.0)
+    return (1 - alpha_bar / alpha_bar_prev).clamp(max=0.999)
 
 
 def mean_flat(x):
@@ -543,7 +555,7 @@ class GaussianDiffusion:
     """
 
     def __init__(self, num_timesteps=1000, schedule="linear", prediction="eps",
-                 learn_sigma=True, loss_weighting="uniform", min_snr_gamma=5.0):
+                 learn_sigma=True, loss_weighting="uniform", min_snr_gamma=5.0, noise_shift=1.0):
         if prediction not in ("eps", "v"):
             raise ValueError(f"unknown prediction target {prediction!r}; choose 'eps' or 'v'")
         if loss_weighting not in ("uniform", "min_snr"):
@@ -554,7 +566,7 @@ class GaussianDiffusion:
         self.loss_weighting = loss_weighting
         self.min_snr_gamma = min_snr_gamma
         # Built in float64: a product of 1000 factors near 1 loses digits in float32.
-        self.betas = make_betas(schedule, num_timesteps)                  # (T,)
+        self.betas = make_betas(schedule, num_timesteps, noise_shift)     # (T,)
         self.alphas_cumprod = torch.cumprod(1 - self.betas, dim=0)        # (T,) abar_t
         self.alphas_cumprod_prev = F.pad(self.alphas_cumprod[:-1], (1, 0), value=1.0)  # abar_{t-1}
         # q(x_{t-1} | x_t, x_0) has variance beta~_t = beta_t (1 - abar_{t-1}) / (1 - abar_t).

@@ -435,6 +435,18 @@ def test_schedules():
     assert c.alphas_cumprod[299].item() == pytest.approx(f(300) / f(0), rel=1e-6)
 
 
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_noise_shift_divides_every_steps_snr_by_its_square(schedule):
+    base = dit.GaussianDiffusion(schedule=schedule).alphas_cumprod
+    assert torch.equal(dit.GaussianDiffusion(schedule=schedule, noise_shift=1.0).alphas_cumprod, base)
+    shifted = dit.GaussianDiffusion(schedule=schedule, noise_shift=2.0).alphas_cumprod
+    snr = lambda abar: abar / (1 - abar)  # noqa: E731
+    ratio = snr(shifted) / snr(base)
+    # The last cosine step is clamped at beta = 0.999 (as without the shift), so it is left out.
+    torch.testing.assert_close(ratio[:-1], torch.full_like(ratio[:-1], 0.25), rtol=1e-9, atol=0)
+    assert (shifted < base).all()
+
+
 def test_q_sample_and_posterior_closed_forms():
     d = dit.GaussianDiffusion(schedule="linear")
     torch.manual_seed(0)
@@ -1485,6 +1497,16 @@ def test_a_full_disk_leaves_no_partial_file_and_says_so(tiny_run, tiny_data, tmp
 def test_resuming_with_another_model_is_a_clear_error(tiny_run, tiny_data):
     with pytest.raises(SystemExit, match="trained with --model DiT-Mi/4, but this run asks for DiT-Mi/2"):
         train.main(tiny_args(tiny_data, tiny_run[0], 50, "--model", "DiT-Mi/2"))
+
+
+def test_noise_shift_travels_in_the_checkpoint(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    train.main(tiny_args(tiny_data, run, 2, "--noise-shift", "2"))
+    diffusion = sample.load_model(run, torch.device("cpu"))[1]  # the sampler runs the trained schedule
+    torch.testing.assert_close(diffusion.alphas_cumprod,
+                               dit.GaussianDiffusion(schedule="cosine", noise_shift=2.0).alphas_cumprod)
+    with pytest.raises(SystemExit, match="trained with --noise-shift 2.0, but this run asks for 1.0"):
+        train.main(tiny_args(tiny_data, run, 4))
 
 
 @pytest.mark.parametrize("make,message", [

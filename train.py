@@ -524,7 +524,7 @@ def build_state(cfg, classes, proc):
                       learn_sigma=cfg.learn_sigma, class_dropout_prob=cfg.class_dropout,
                       conditioning=cfg.conditioning)
     diffusion_args = dict(schedule=cfg.schedule, prediction=cfg.prediction, learn_sigma=cfg.learn_sigma,
-                          loss_weighting=cfg.loss_weighting)
+                          loss_weighting=cfg.loss_weighting, noise_shift=cfg.noise_shift)
     model = build_model(model_args, attn_backend=cfg.attn, grad_checkpointing=cfg.grad_checkpointing)
     model.to(proc.device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
@@ -570,11 +570,13 @@ def make_train_step(cfg, state, proc):
 # Training, stage 2: resume (every rank's random streams too)
 # -----------------------------------------------------------------------------
 
-MODEL_FIELDS = ("model", "image_size", "learn_sigma", "class_dropout", "conditioning", "schedule", "prediction")
+MODEL_FIELDS = ("model", "image_size", "learn_sigma", "class_dropout", "conditioning", "schedule",
+                "noise_shift", "prediction")
 
 
 def check_resume_compatible(cfg, saved_cfg, classes, saved_classes):
-    saved_cfg = {"conditioning": "adaln-zero", **saved_cfg}  # runs saved before --conditioning existed
+    # runs saved before --conditioning and --noise-shift existed
+    saved_cfg = {"conditioning": "adaln-zero", "noise_shift": 1.0, **saved_cfg}
     for key in MODEL_FIELDS:
         if getattr(cfg, key) != saved_cfg.get(key):
             flag = "--" + key.replace("_", "-")
