@@ -50,7 +50,7 @@ class TrainConfig:
     schedule: str = option("cosine", "noise schedule", ("linear", "cosine"))
     noise_shift: float = option(1.0, "divide the schedule's SNR by this squared (simple diffusion: "
                                 "about image_size / 16 here)", above=0)
-    prediction: str = option("v", "what the network predicts", ("eps", "v"))
+    prediction: str = option("v", "what the network predicts", ("eps", "v", "x0"))
     loss_weighting: str = option("min_snr", "per-timestep loss weights", ("uniform", "min_snr"))
     # optimisation
     steps: int = option(3600, "optimizer steps in total (a resumed run continues to this number)", at_least=1)

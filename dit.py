@@ -547,7 +547,10 @@ class GaussianDiffusion:
 
     Notation as in the papers: alpha_t = 1 - beta_t, abar_t = prod_{s<=t} alpha_s.
     prediction: what the network's first in_channels outputs mean: "eps" (the noise; DDPM and
-        DiT) or "v" = sqrt(abar) eps - sqrt(1 - abar) x_0 (Salimans & Ho 2022).
+        DiT), "v" = sqrt(abar) eps - sqrt(1 - abar) x_0 (Salimans & Ho 2022), or "x0", the clean
+        image itself (Li & He 2025, "Back to Basics"): with large pixel patches a token has no more
+        dimensions than its patch, too few to carry full-rank noise through, but enough for the
+        clean image, which lies near a low-dimensional manifold.
     learn_sigma: the remaining in_channels outputs interpolate the reverse variance between beta_t
         and the posterior variance (Improved DDPM), trained by the variational bound.
     loss_weighting: "uniform" (the paper) or "min_snr" (Hang et al. 2023: weights each timestep by
@@ -556,8 +559,8 @@ class GaussianDiffusion:
 
     def __init__(self, num_timesteps=1000, schedule="linear", prediction="eps",
                  learn_sigma=True, loss_weighting="uniform", min_snr_gamma=5.0, noise_shift=1.0):
-        if prediction not in ("eps", "v"):
-            raise ValueError(f"unknown prediction target {prediction!r}; choose 'eps' or 'v'")
+        if prediction not in ("eps", "v", "x0"):
+            raise ValueError(f"unknown prediction target {prediction!r}; choose 'eps', 'v' or 'x0'")
         if loss_weighting not in ("uniform", "min_snr"):
             raise ValueError(f"unknown loss weighting {loss_weighting!r}; choose 'uniform' or 'min_snr'")
         self.num_timesteps = num_timesteps
@@ -614,6 +617,9 @@ class GaussianDiffusion:
         if self.prediction == "eps":
             eps = pred
             x0 = (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()
+        elif self.prediction == "x0":
+            x0 = pred
+            eps = (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
         else:
             x0 = abar.sqrt() * x_t - (1 - abar).sqrt() * pred
             eps = (1 - abar).sqrt() * x_t + abar.sqrt() * pred
@@ -632,17 +638,15 @@ class GaussianDiffusion:
         x_t = self.q_sample(x0, t, noise)                       # (N, C, H, W)
         pred, var_out = self.split_output(model(x_t, t, y))     # (N, C, H, W) each
         abar = self._at(self.alphas_cumprod, t)
-        if self.prediction == "eps":
-            target = noise
-        else:
-            target = abar.sqrt() * noise - (1 - abar).sqrt() * x0
+        target = {"eps": noise, "x0": x0, "v": abar.sqrt() * noise - (1 - abar).sqrt() * x0}[self.prediction]
         mse = mean_flat((target - pred.float()) ** 2)           # (N,)
         weight = torch.ones_like(mse)
         if self.loss_weighting == "min_snr":
             snr = (abar / (1 - abar)).flatten()
-            # MSE on eps equals SNR * MSE on x_0, MSE on v equals (SNR + 1) * it; both are then
+            # MSE on eps equals SNR * MSE on x_0, MSE on v equals (SNR + 1) * it; all three are
             # reweighted to min(SNR, gamma) * MSE on x_0.
-            weight = snr.clamp(max=self.min_snr_gamma) / (snr if self.prediction == "eps" else snr + 1)
+            per_x0_mse = {"eps": snr, "v": snr + 1, "x0": torch.ones_like(snr)}[self.prediction]
+            weight = snr.clamp(max=self.min_snr_gamma) / per_x0_mse
         losses = {"mse": mse, "loss": weight * mse}
         if self.learn_sigma:
             # The variational-bound term trains only the variance: the mean is detached, so
@@ -725,8 +729,8 @@ def guided_model_fn(model, y, cfg_scale):
     """model_fn(x, t) for the samplers: the network's output for class y (N,), with classifier-free
     guidance when cfg_scale != 1. Guidance extrapolates from the null label's prediction towards
     the class's: pred = pred(x, null) + s * (pred(x, y) - pred(x, null)). The mixed channels are
-    the prediction channels, eps or v; for a shared x_t, v is affine in eps, so mixing either is
-    the same guidance. The variance channels (learn_sigma) are the conditional ones. The sampler
+    the prediction channels, eps, v or x0; for a shared x_t, v and x0 are affine in eps, so
+    mixing any of them is the same guidance. The variance channels (learn_sigma) are the conditional ones. The sampler
     keeps N images; x is doubled only inside the call, so one forward pass serves both labels.
 
     Raises ValueError if guidance is asked of a model without a null label."""

@@ -467,15 +467,19 @@ def test_q_sample_and_posterior_closed_forms():
     assert d.posterior_variance[ti].item() == pytest.approx(1 / precision, rel=1e-9)
 
 
-@pytest.mark.parametrize("prediction", ["eps", "v"])
+def target_of(prediction, x0, eps, abar):
+    """What a perfect network outputs for each prediction target."""
+    return {"eps": eps, "x0": x0, "v": abar.sqrt() * eps - (1 - abar).sqrt() * x0}[prediction]
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
 def test_prediction_targets_recover_x0_and_eps(prediction):
     d = dit.GaussianDiffusion(prediction=prediction, schedule="cosine")
     x0, eps = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
     t = torch.tensor([10, 900])
     x_t = d.q_sample(x0, t, eps)
     abar = d._at(d.alphas_cumprod, t)
-    pred = eps if prediction == "eps" else abar.sqrt() * eps - (1 - abar).sqrt() * x0
-    got_x0, got_eps = d.predict_x0_eps(pred, x_t, abar)
+    got_x0, got_eps = d.predict_x0_eps(target_of(prediction, x0, eps, abar), x_t, abar)
     torch.testing.assert_close(got_x0, x0, atol=2e-4, rtol=1e-4)
     torch.testing.assert_close(got_eps, eps, atol=2e-4, rtol=1e-4)
 
@@ -505,6 +509,23 @@ def test_min_snr_weights():
     torch.testing.assert_close(losses["loss"], (snr.clamp(max=5) / snr).float())
 
 
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+def test_min_snr_gives_every_target_the_same_x0_weighting(prediction):
+    """Whatever the network predicts, min-SNR weighting makes the loss min(SNR, 5) * MSE on x_0."""
+    d = dit.GaussianDiffusion(prediction=prediction, schedule="cosine", loss_weighting="min_snr", learn_sigma=False)
+    torch.manual_seed(0)
+    x0, noise = torch.randn(4, 3, 4, 4), torch.randn(4, 3, 4, 4)
+    t = torch.tensor([0, 100, 500, 999])
+    x_t = d.q_sample(x0, t, noise)
+    abar = d._at(d.alphas_cumprod, t)
+    x0_guess = x0 + 0.1 * torch.randn_like(x0)  # a wrong x_0, and the output that claims it
+    eps_guess = (x_t - abar.sqrt() * x0_guess) / (1 - abar).sqrt()
+    losses = d.training_losses(lambda x, t, y: target_of(prediction, x0_guess, eps_guess, abar), x0, t, None, noise)
+    snr = (d.alphas_cumprod / (1 - d.alphas_cumprod))[t]
+    expected = snr.clamp(max=5) * ((x0_guess - x0) ** 2).mean(dim=(1, 2, 3)).double()
+    torch.testing.assert_close(losses["loss"].double(), expected, rtol=1e-3, atol=1e-7)
+
+
 def test_ddim_with_eta_one_matches_ddpm():
     """Song et al. 2021: DDIM with eta = 1 over every step is the DDPM ancestral sampler."""
     d = dit.GaussianDiffusion(num_timesteps=50, schedule="linear", learn_sigma=False)
@@ -518,18 +539,18 @@ def test_ddim_with_eta_one_matches_ddpm():
     assert (deterministic - samples[0]).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 def test_samplers_with_an_oracle_model_return_the_single_training_image(prediction, sampler):
     """For a data set of one image the ideal network is known in closed form; both samplers, with
-    either target and respaced to 20 steps, must then land exactly on that image."""
+    any of the three targets and respaced to 20 steps, must then land exactly on that image."""
     d = dit.GaussianDiffusion(prediction=prediction, schedule="cosine", learn_sigma=False)
     image = torch.rand(1, 3, 4, 4) * 2 - 1
 
     def oracle(x, t):
         abar = d._at(d.alphas_cumprod, t)
         eps = (x - abar.sqrt() * image) / (1 - abar).sqrt()
-        return eps if prediction == "eps" else abar.sqrt() * eps - (1 - abar).sqrt() * image
+        return target_of(prediction, image, eps, abar)
     out = d.sample(oracle, torch.randn(3, 3, 4, 4), sampler=sampler, steps=20, eta=0.5)
     torch.testing.assert_close(out, image.expand(3, -1, -1, -1), atol=1e-5, rtol=0)
 
