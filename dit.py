@@ -484,8 +484,9 @@ def forward_gmacs(model):
 #
 # Two recipes run on this code. The paper's (DiT Sec. 3.1, after ADM): predict eps, linear betas,
 # learned sigma, uniform weights over timesteps; these are GaussianDiffusion's defaults and
-# `train.py --preset paper`. This repo's default (config.py's "cpu" preset): predict v, cosine
-# betas, min-SNR weighting, fixed sigma, which learns recognisable 16 px images in minutes on a CPU.
+# `train.py --preset paper`. This repo's default (config.py's "cpu" preset): predict x_0, cosine
+# betas shifted for 32 px, min-SNR weighting, fixed sigma, which learns crisp 32 px images in
+# minutes on a CPU.
 # -----------------------------------------------------------------------------
 
 def make_betas(schedule, num_timesteps, noise_shift=1.0):
@@ -730,8 +731,9 @@ def guided_model_fn(model, y, cfg_scale):
     guidance when cfg_scale != 1. Guidance extrapolates from the null label's prediction towards
     the class's: pred = pred(x, null) + s * (pred(x, y) - pred(x, null)). The mixed channels are
     the prediction channels, eps, v or x0; for a shared x_t, v and x0 are affine in eps, so
-    mixing any of them is the same guidance. The variance channels (learn_sigma) are the conditional ones. The sampler
-    keeps N images; x is doubled only inside the call, so one forward pass serves both labels.
+    mixing any of them is the same guidance. The variance channels (learn_sigma) are the
+    conditional ones. The sampler keeps N images; x is doubled only inside the call, so one
+    forward pass serves both labels.
 
     Raises ValueError if guidance is asked of a model without a null label."""
     if cfg_scale == 1:

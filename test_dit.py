@@ -512,7 +512,8 @@ def test_min_snr_weights():
 @pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
 def test_min_snr_gives_every_target_the_same_x0_weighting(prediction):
     """Whatever the network predicts, min-SNR weighting makes the loss min(SNR, 5) * MSE on x_0."""
-    d = dit.GaussianDiffusion(prediction=prediction, schedule="cosine", loss_weighting="min_snr", learn_sigma=False)
+    d = dit.GaussianDiffusion(prediction=prediction, schedule="cosine", loss_weighting="min_snr",
+                              learn_sigma=False)
     torch.manual_seed(0)
     x0, noise = torch.randn(4, 3, 4, 4), torch.randn(4, 3, 4, 4)
     t = torch.tensor([0, 100, 500, 999])
@@ -520,7 +521,8 @@ def test_min_snr_gives_every_target_the_same_x0_weighting(prediction):
     abar = d._at(d.alphas_cumprod, t)
     x0_guess = x0 + 0.1 * torch.randn_like(x0)  # a wrong x_0, and the output that claims it
     eps_guess = (x_t - abar.sqrt() * x0_guess) / (1 - abar).sqrt()
-    losses = d.training_losses(lambda x, t, y: target_of(prediction, x0_guess, eps_guess, abar), x0, t, None, noise)
+    model = lambda x, t, y: target_of(prediction, x0_guess, eps_guess, abar)  # noqa: E731
+    losses = d.training_losses(model, x0, t, None, noise)
     snr = (d.alphas_cumprod / (1 - d.alphas_cumprod))[t]
     expected = snr.clamp(max=5) * ((x0_guess - x0) ** 2).mean(dim=(1, 2, 3)).double()
     torch.testing.assert_close(losses["loss"].double(), expected, rtol=1e-3, atol=1e-7)
@@ -1522,11 +1524,11 @@ def test_resuming_with_another_model_is_a_clear_error(tiny_run, tiny_data):
 
 def test_noise_shift_travels_in_the_checkpoint(tiny_data, tmp_path):
     run = tmp_path / "run"
-    train.main(tiny_args(tiny_data, run, 2, "--noise-shift", "2"))
+    train.main(tiny_args(tiny_data, run, 2, "--noise-shift", "3"))
     diffusion = sample.load_model(run, torch.device("cpu"))[1]  # the sampler runs the trained schedule
     torch.testing.assert_close(diffusion.alphas_cumprod,
-                               dit.GaussianDiffusion(schedule="cosine", noise_shift=2.0).alphas_cumprod)
-    with pytest.raises(SystemExit, match="trained with --noise-shift 2.0, but this run asks for 1.0"):
+                               dit.GaussianDiffusion(schedule="cosine", noise_shift=3.0).alphas_cumprod)
+    with pytest.raises(SystemExit, match="trained with --noise-shift 3.0, but this run asks for 2.0"):
         train.main(tiny_args(tiny_data, run, 4))
 
 

@@ -443,7 +443,7 @@ def sample_grid(model, diffusion, num_classes, per_class, steps, cfg_scale, devi
 
 
 def enlarge(grid, zoom=None, min_width=256):
-    """Nearest-neighbour upscaling, so a grid of 16 px images is big enough to look at (a smooth
+    """Nearest-neighbour upscaling, so a grid of 16 or 32 px images is big enough to look at (a smooth
     filter would blur the very pixels one wants to judge). zoom=None: just enough for min_width."""
     zoom = zoom or max(1, math.ceil(min_width / grid.shape[-1]))
     return grid.repeat_interleave(zoom, -1).repeat_interleave(zoom, -2)
