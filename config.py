@@ -49,7 +49,7 @@ class TrainConfig:
     # diffusion
     schedule: str = option("cosine", "noise schedule", ("linear", "cosine"))
     noise_shift: float = option(2.0, "divide the schedule's SNR by this squared (simple diffusion: "
-                                "about image_size / 16 here)", above=0)
+                                "about image_size / 16 here)", at_least=0.1, at_most=100)
     prediction: str = option("x0", "what the network predicts", ("eps", "v", "x0"))
     loss_weighting: str = option("min_snr", "per-timestep loss weights", ("uniform", "min_snr"))
     # optimisation
@@ -65,7 +65,7 @@ class TrainConfig:
     device: str = option("auto", "where to train", ("auto", "cpu", "cuda"))
     precision: str = option("auto", "auto: bf16 autocast on CUDA, fp32 on CPU", ("auto", "fp32", "bf16"))
     compile: bool = option(False, "torch.compile the model")
-    seed: int = option(0, "seeds data order, noise and initialisation", at_least=0)
+    seed: int = option(0, "seeds data order, noise and initialisation", at_least=0, at_most=2**32 - 1)
     # bookkeeping
     log_every: int = option(100, "steps between log lines and TensorBoard scalars", at_least=1)
     ckpt_every: int = option(500, "steps between checkpoints", at_least=1)
@@ -81,8 +81,7 @@ class TrainConfig:
 # minutes on 2 CPU cores: 8 x 8 patches (16 tokens) keep a step cheap, so a small batch and a high
 # learning rate get 4500 steps in. A token then has no more dimensions (192) than its patch
 # (8 * 8 * 3), so the network predicts the clean image, not the noise (x0; with v the samples were
-# patchy blocks), and the noise schedule is shifted for 32 px (noise_shift 2); min-SNR weighting
-# as before. Each line of the other presets says why it differs.
+# patchy blocks), and the noise schedule is shifted for 32 px (noise_shift 2); min-SNR weighting. Each line of the other presets says why it differs.
 TRAIN_PRESETS = {
     "cpu": {},
     "gpu": {
@@ -118,12 +117,12 @@ class SampleConfig:
     sampler: str = option("ddim", "reverse process", ("ddim", "ddpm"))
     steps: int = option(50, "denoising steps (respaced from the trained 1000)", at_least=1)
     eta: float = option(0.0, "DDIM noise: 0 deterministic, 1 matches DDPM", at_least=0, at_most=1)
-    seed: int = option(0, "same seed, same images", at_least=0)
+    seed: int = option(0, "same seed, same images", at_least=0, at_most=2**32 - 1)
     device: str = option("auto", "where to sample", ("auto", "cpu", "cuda"))
     out: str = option("samples", "directory for grid.png and the single samples")
     show_steps: bool = option(False, "also write steps.png: x_t at evenly spaced timesteps")
     zoom: int = option(None, "enlarge grid.png and steps.png this many times (nearest pixel); "
-                             "auto: to at least 256 px wide", at_least=1)
+                             "auto: to at least 512 px wide", at_least=1, at_most=64)
 
 
 # -----------------------------------------------------------------------------
@@ -144,12 +143,13 @@ def describe_range(f):
     kind = "an integer" if f.type is int else "a number"
     low, closed_low = (m["at_least"], True) if m["at_least"] is not None else (m["above"], False)
     high, closed_high = (m["at_most"], True) if m["at_most"] is not None else (m["below"], False)
+    low, high = (v if v is None or isinstance(v, int) else f"{v:g}" for v in (low, high))  # 1e-4, not 0.0001
     if low is not None and high is not None:
-        return f"{kind} in {'[' if closed_low else '('}{low:g}, {high:g}{']' if closed_high else ')'}"
+        return f"{kind} in {'[' if closed_low else '('}{low}, {high}{']' if closed_high else ')'}"
     if low is not None:
-        return f"{kind} {'>=' if closed_low else '>'} {low:g}"
+        return f"{kind} {'>=' if closed_low else '>'} {low}"
     if high is not None:
-        return f"{kind} {'<=' if closed_high else '<'} {high:g}"
+        return f"{kind} {'<=' if closed_high else '<'} {high}"
     return kind
 
 

@@ -42,23 +42,7 @@ CONDITIONINGS = ("adaln-zero", "adaln", "cross-attn", "in-context")
 # Attention: softmax(Q K^T / sqrt(d)) V, three ways
 # -----------------------------------------------------------------------------
 
-def attention(q, k, v, backend="auto"):
-    """Non-causal multi-head attention: q (B, H, N, D) attends to k, v (B, H, M, D), M keys
-    (M = N in self-attention, M = 2 in cross-attention to t and y); returns (B, H, N, D).
-    "auto" is our Triton kernel on a GPU and SDPA elsewhere (see _auto_uses_triton)."""
-    if backend == "auto":
-        backend = "triton" if _auto_uses_triton(q, k, v) else "sdpa"
-    if backend == "math":
-        # Written out for readers: the (N, M) score matrix is materialised, which is exactly
-        # what FlashAttention avoids. Softmax in fp32 keeps bf16/fp16 runs stable.
-        scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, H, N, M)
-        return scores.float().softmax(dim=-1).to(v.dtype) @ v     # (B, H, N, D)
-    if backend == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v)
-    if backend == "triton":
-        return _flash_attention()(q, k, v)
-    raise ValueError(f"unknown attention backend {backend!r}; choose from {ATTENTION_BACKENDS}")
-
+# First how backend "auto" decides whether our Triton kernel may run a shape, then attention().
 
 def _flash_attention():
     """Our FlashAttention kernel (flash_attn_triton.py), imported on first use: Triton is optional."""
@@ -78,20 +62,6 @@ _triton_works = {}
 def _on_gpu(q):
     """Where "auto" tries the Triton kernel (a function, so that the CPU tests can pretend)."""
     return q.is_cuda
-
-
-def _auto_uses_triton(q, k, v):
-    """Backend "auto" uses our kernel on a GPU unless Triton cannot be imported, or the kernel
-    fails to compile or launch for this shape. Each failure warns once, naming the error, and
-    SDPA takes over that shape for the rest of the process: a kernel problem costs speed, not
-    the run. An explicit backend="triton" raises instead."""
-    if not _on_gpu(q):
-        return False
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    key = (tuple(q.shape), tuple(k.shape), q.dtype, needs_grad)
-    if key not in _triton_works:
-        _triton_works[key] = _triton_imports() and _triton_runs(q, k, v)
-    return _triton_works[key]
 
 
 @functools.cache  # tried, and warned about, once per process
@@ -115,11 +85,45 @@ def _triton_runs(q, k, v):
             if out.requires_grad:
                 out.sum().backward()
         return True
+    except torch.cuda.OutOfMemoryError:  # a full GPU is not a broken kernel: the caller sees it
+        raise
     except Exception as err:
         warnings.warn(f"attention 'auto': the Triton kernel failed for q {tuple(q.shape)}, k/v "
                       f"{tuple(k.shape)}, {q.dtype} ({type(err).__name__}: {err}); SDPA computes "
                       "this shape instead", stacklevel=4)
         return False
+
+
+def _auto_uses_triton(q, k, v):
+    """Backend "auto" uses our kernel on a GPU unless Triton cannot be imported, or the kernel
+    fails to compile or launch for this shape. Each failure warns once, naming the error, and
+    SDPA takes over that shape for the rest of the process: a kernel problem costs speed, not
+    the run. An explicit backend="triton" raises instead."""
+    if not _on_gpu(q):
+        return False
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    key = (tuple(q.shape), tuple(k.shape), q.dtype, needs_grad)
+    if key not in _triton_works:
+        _triton_works[key] = _triton_imports() and _triton_runs(q, k, v)
+    return _triton_works[key]
+
+
+def attention(q, k, v, backend="auto"):
+    """Non-causal multi-head attention: q (B, H, N, D) attends to k, v (B, H, M, D), M keys
+    (M = N in self-attention, M = 2 in cross-attention to t and y); returns (B, H, N, D).
+    "auto" is our Triton kernel on a GPU and SDPA elsewhere (see _auto_uses_triton above)."""
+    if backend == "auto":
+        backend = "triton" if _auto_uses_triton(q, k, v) else "sdpa"
+    if backend == "math":
+        # Written out for readers: the (N, M) score matrix is materialised, which is exactly
+        # what FlashAttention avoids. Softmax in fp32 keeps bf16/fp16 runs stable.
+        scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, H, N, M)
+        return scores.float().softmax(dim=-1).to(v.dtype) @ v     # (B, H, N, D)
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v)
+    if backend == "triton":
+        return _flash_attention()(q, k, v)
+    raise ValueError(f"unknown attention backend {backend!r}; choose from {ATTENTION_BACKENDS}")
 
 
 class Attention(nn.Module):
@@ -282,17 +286,17 @@ class DiTBlock(nn.Module):
         if self.conditioning == "adaln-zero":
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
                 self.adaLN_modulation(c).chunk(6, dim=1))                                       # 6 x (N, D)
-            x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-            x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+            x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))  # (N, T, D)
+            x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))   # (N, T, D)
         elif self.conditioning == "adaln":
-            shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation(c).chunk(4, dim=1)  # 4 x (N,D)
-            x = x + self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-            x = x + self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+            shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation(c).chunk(4, dim=1)  # 4 x (N, D)
+            x = x + self.attn(modulate(self.norm1(x), shift_msa, scale_msa))                     # (N, T, D)
+            x = x + self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))                      # (N, T, D)
         else:  # "cross-attn" and "in-context": a standard ViT block
-            x = x + self.attn(self.norm1(x))
+            x = x + self.attn(self.norm1(x))                                                     # (N, T, D)
             if self.conditioning == "cross-attn":
-                x = x + self.cross_attn(x, c)  # the image tokens read [t; y]
-            x = x + self.mlp(self.norm2(x))
+                x = x + self.cross_attn(x, c)  # (N, T, D): the image tokens read [t; y]
+            x = x + self.mlp(self.norm2(x))                                                      # (N, T, D)
         return x
 
 
@@ -463,19 +467,26 @@ def forward_gmacs(model):
     """Forward cost of one image in billions of multiply-accumulates, counted as the paper counts
     its "Gflops" (Tables 1 and 4, one multiply-add being one flop): every matrix product, plus one
     per LayerNorm element. That last term, 2 T D per block, is what lifts the pure matmul count to
-    the printed figures (DiT-XL/2: 118.62 -> 118.64). Cheap at any size on the meta device."""
+    the printed figures (DiT-XL/2: 118.62 -> 118.64). Cheap at any size on the meta device.
+    Attention runs as "math" while counting: the counter cannot see inside a fused kernel."""
     p = model.pos_embed
     x = torch.zeros(1, model.in_channels, model.input_size, model.input_size, device=p.device, dtype=p.dtype)
     t = y = torch.zeros(1, dtype=torch.long, device=p.device)
     norm_elements = []
     hooks = [m.register_forward_hook(lambda m, inputs, out: norm_elements.append(out.numel()))
              for m in model.modules() if isinstance(m, nn.LayerNorm)]
+    attns = [m for m in model.modules() if isinstance(m, (Attention, CrossAttention))]
+    backends = [m.backend for m in attns]
     try:
+        for m in attns:
+            m.backend = "math"
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             model(x, t, y)
     finally:
         for hook in hooks:
             hook.remove()
+        for m, backend in zip(attns, backends):
+            m.backend = backend
     return (counter.get_total_flops() / 2 + sum(norm_elements)) / 1e9
 
 
@@ -507,6 +518,8 @@ def make_betas(schedule, num_timesteps, noise_shift=1.0):
         betas = (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
     else:
         raise ValueError(f"unknown noise schedule {schedule!r}; choose 'linear' or 'cosine'")
+    if not noise_shift > 0:
+        raise ValueError(f"noise_shift must be > 0, got {noise_shift}")
     if noise_shift == 1:
         return betas
     alpha_bar = torch.cumprod(1 - betas, dim=0)                                  # (T,)

@@ -549,7 +549,7 @@ def _flash_attn_backward(do, q, k, v, o, lse, sm_scale):
 
 
 class FlashAttentionFunction(torch.autograd.Function):
-    """Saves q, k, v, o and the (B, H, N_q) logsumexp: O(N) extra memory instead of O(N^2)."""
+    """Saves q, k, v, o and the (B, H, N_q) logsumexp: O(N_q) extra memory instead of O(N_q N_kv)."""
 
     @staticmethod
     def forward(ctx, q, k, v, sm_scale):

@@ -9,7 +9,7 @@ Draw class-conditional images from a trained DiT run, with classifier-free guida
 
 The checkpoint describes itself (model preset, diffusion settings, class names), so no flags are
 needed to rebuild the model; the EMA weights are used. Writes grid.png (one row per label, enlarged
-to at least 256 px wide for people) and one PNG per sample at its own size (for programs) into
+to at least 512 px wide for people) and one PNG per sample at its own size (for programs) into
 --out, and prints their paths. All flags: `python sample.py --help`.
 """
 
@@ -122,7 +122,7 @@ def to_unit(x):
 
 
 def save_grid(images, path, nrow, zoom=None):
-    """A grid enlarged by `zoom` (nearest pixel), by default to at least 256 px wide."""
+    """A grid enlarged by `zoom` (nearest pixel), by default to at least 512 px wide."""
     grid = torchvision.utils.make_grid(images, nrow=nrow, padding=1)
     torchvision.utils.save_image(enlarge(grid, zoom), path)
 
@@ -149,14 +149,17 @@ def main(argv=None):
         model, diffusion, classes = load_model(cfg.ckpt, device)
         labels = resolve_labels(cfg.label, classes)
         if cfg.cfg_scale != 1:
-            # dit owns the rule (guidance needs a null label); asked here, before any sampling
-            dit.guided_model_fn(model, torch.zeros(1, dtype=torch.long), cfg.cfg_scale)
-        if not 1 <= cfg.steps <= diffusion.num_timesteps:
-            raise ConfigError(f"--steps must be between 1 and {diffusion.num_timesteps}")
+            try:  # dit owns the rule (guidance needs a null label); asked here, before any sampling
+                dit.guided_model_fn(model, torch.zeros(1, dtype=torch.long), cfg.cfg_scale)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+        if cfg.steps > diffusion.num_timesteps:
+            raise ConfigError(f"argument --steps: expected an integer in [1, {diffusion.num_timesteps}] "
+                              f"(the trained steps), got '{cfg.steps}'")
         out = prepare_out(cfg.out)  # before sampling, which may take an hour
         images, trajectory = generate(model, diffusion, labels, cfg, device, snapshots=10 if cfg.show_steps else 0)
         paths = write_images(images, trajectory, labels, classes, cfg, out)
-    except (ConfigError, CheckpointError, ValueError) as err:
+    except (ConfigError, CheckpointError) as err:
         raise SystemExit(f"sample.py: error: {err}") from None
     except OSError as err:  # e.g. the disk filled up while writing
         raise SystemExit(f"sample.py: error: {err}") from None

@@ -442,7 +442,7 @@ def sample_grid(model, diffusion, num_classes, per_class, steps, cfg_scale, devi
     return (x.float().clamp(-1, 1) + 1) / 2
 
 
-def enlarge(grid, zoom=None, min_width=256):
+def enlarge(grid, zoom=None, min_width=512):
     """Nearest-neighbour upscaling, so a grid of 16 or 32 px images is big enough to look at (a smooth
     filter would blur the very pixels one wants to judge). zoom=None: just enough for min_width."""
     zoom = zoom or max(1, math.ceil(min_width / grid.shape[-1]))
@@ -452,7 +452,7 @@ def enlarge(grid, zoom=None, min_width=256):
 def write_samples(ema, diffusion, cfg, classes, device, out, writer, step, per_class=8):
     """samples/step_N.png, enlarged for people, and step_N_raw.png at the images' own size."""
     import torchvision.utils
-    with torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else nullcontext():
+    with torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16(cfg, device) else nullcontext():
         cfg_scale = cfg.cfg_scale if cfg.class_dropout > 0 else 1.0  # no null label, no guidance
         images = sample_grid(ema, diffusion, len(classes), per_class, cfg.sample_steps, cfg_scale, device)
     grid = torchvision.utils.make_grid(images, nrow=per_class, padding=1)  # one row per class

@@ -3,8 +3,8 @@ The DiT paper's conditioning experiment (Sec. 3.2, Fig. 5, Table 4) at laptop sc
 designs, in-context, cross-attention, adaLN and adaLN-Zero, trained on the same data with the same
 seed and the same number of steps, then judged by the same classifier (assets/evaluate.py).
 
-    python assets/conditioning_experiment.py                   # CPU: 1200 steps each, ~20 min in all
-    python assets/conditioning_experiment.py --steps 3600      # 3x the budget, ~1 h in all
+    python assets/conditioning_experiment.py                   # CPU: 1200 steps each, 17 min in all
+    python assets/conditioning_experiment.py --steps 3600      # 3x the budget (not measured)
     python assets/conditioning_experiment.py --preset gpu      # the GPU preset's model and budget
     python assets/conditioning_experiment.py --steps 20 --num 4 --runs /tmp/cond --out /tmp/cond  # smoke
 
@@ -68,7 +68,8 @@ def judge(design, args, cfg_scale, device):
 
 def write_table(rows, args, num_classes):
     lines = [
-        f"{len(rows)} conditioning designs, `--preset {args.preset}`, {args.steps} steps each, same data and seed "
+        f"{len(rows)} conditioning designs, `--preset {args.preset}`"
+        f"{' ' + ' '.join(CPU_RECIPE) if args.preset == 'cpu' else ''}, {args.steps} steps each, same data and seed "
         f"(`python assets/conditioning_experiment.py`). Recognised: share of {args.num} DDIM-50 samples per "
         f"class that assets/evaluate.py's classifier assigns to their class (chance {100 / num_classes:.1f}%). "
         "Final loss: the training loss (as train.py weights it) over the last log interval. Train time: "
