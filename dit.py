@@ -42,76 +42,10 @@ CONDITIONINGS = ("adaln-zero", "adaln", "cross-attn", "in-context")
 # Attention: softmax(Q K^T / sqrt(d)) V, three ways
 # -----------------------------------------------------------------------------
 
-# First how backend "auto" decides whether our Triton kernel may run a shape, then attention().
-
-def _flash_attention():
-    """Our FlashAttention kernel (flash_attn_triton.py), imported on first use: Triton is optional."""
-    try:
-        from flash_attn_triton import flash_attention
-    except Exception as err:  # ImportError, or a Triton that fails while initialising
-        raise RuntimeError(f"the Triton kernel cannot be imported ({type(err).__name__}: {err})") from err
-    return flash_attention
-
-
-# What "auto" learned about the Triton kernel in this process: {(q shape, k shape, dtype, grad):
-# whether it ran}. Module-level, like Triton's own compile cache: it describes this machine's
-# Triton and GPU, not any one model.
-_triton_works = {}
-
-
-def _on_gpu(q):
-    """Where "auto" tries the Triton kernel (a function, so that the CPU tests can pretend)."""
-    return q.is_cuda
-
-
-@functools.cache  # tried, and warned about, once per process
-def _triton_imports():
-    try:
-        _flash_attention()
-        return True
-    except RuntimeError as err:
-        warnings.warn(f"attention 'auto': {err}; SDPA computes every shape instead", stacklevel=4)
-        return False
-
-
-def _triton_runs(q, k, v):
-    """One trial of the kernel on copies of q, k, v: the forward, and the backward when gradients
-    will be needed, since the backward kernels compile (and can fail) separately. The trial's own
-    graph keeps its tensors plainly, out of reach of gradient checkpointing's saved-tensor hooks."""
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
-            q, k, v = (t.detach().requires_grad_(t.requires_grad) for t in (q, k, v))
-            out = _flash_attention()(q, k, v)
-            if out.requires_grad:
-                out.sum().backward()
-        return True
-    except torch.cuda.OutOfMemoryError:  # a full GPU is not a broken kernel: the caller sees it
-        raise
-    except Exception as err:
-        warnings.warn(f"attention 'auto': the Triton kernel failed for q {tuple(q.shape)}, k/v "
-                      f"{tuple(k.shape)}, {q.dtype} ({type(err).__name__}: {err}); SDPA computes "
-                      "this shape instead", stacklevel=4)
-        return False
-
-
-def _auto_uses_triton(q, k, v):
-    """Backend "auto" uses our kernel on a GPU unless Triton cannot be imported, or the kernel
-    fails to compile or launch for this shape. Each failure warns once, naming the error, and
-    SDPA takes over that shape for the rest of the process: a kernel problem costs speed, not
-    the run. An explicit backend="triton" raises instead."""
-    if not _on_gpu(q):
-        return False
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    key = (tuple(q.shape), tuple(k.shape), q.dtype, needs_grad)
-    if key not in _triton_works:
-        _triton_works[key] = _triton_imports() and _triton_runs(q, k, v)
-    return _triton_works[key]
-
-
 def attention(q, k, v, backend="auto"):
     """Non-causal multi-head attention: q (B, H, N, D) attends to k, v (B, H, M, D), M keys
     (M = N in self-attention, M = 2 in cross-attention to t and y); returns (B, H, N, D).
-    "auto" is our Triton kernel on a GPU and SDPA elsewhere (see _auto_uses_triton above)."""
+    "auto" is our Triton kernel on a GPU and SDPA elsewhere (see _auto_uses_triton below)."""
     if backend == "auto":
         backend = "triton" if _auto_uses_triton(q, k, v) else "sdpa"
     if backend == "math":
@@ -176,6 +110,74 @@ class Mlp(nn.Module):
 
     def forward(self, x):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+# -----------------------------------------------------------------------------
+# Attention backend "auto": our Triton kernel on a GPU, tried once per shape, else SDPA
+# -----------------------------------------------------------------------------
+
+def _flash_attention():
+    """Our FlashAttention kernel (flash_attn_triton.py), imported on first use: Triton is optional."""
+    try:
+        from flash_attn_triton import flash_attention
+    except Exception as err:  # ImportError, or a Triton that fails while initialising
+        raise RuntimeError(f"the Triton kernel cannot be imported ({type(err).__name__}: {err})") from err
+    return flash_attention
+
+
+# What "auto" learned about the Triton kernel in this process: {(q shape, k shape, dtype, grad):
+# whether it ran}. Module-level, like Triton's own compile cache: it describes this machine's
+# Triton and GPU, not any one model.
+_triton_works = {}
+
+
+def _on_gpu(q):
+    """Where "auto" tries the Triton kernel (a function, so that the CPU tests can pretend)."""
+    return q.is_cuda
+
+
+@functools.cache  # tried, and warned about, once per process
+def _triton_imports():
+    try:
+        _flash_attention()
+        return True
+    except RuntimeError as err:
+        warnings.warn(f"attention 'auto': {err}; SDPA computes every shape instead", stacklevel=4)
+        return False
+
+
+def _triton_runs(q, k, v):
+    """One trial of the kernel on copies of q, k, v: the forward, and the backward when gradients
+    will be needed, since the backward kernels compile (and can fail) separately. The trial's own
+    graph keeps its tensors plainly, out of reach of gradient checkpointing's saved-tensor hooks."""
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            q, k, v = (t.detach().requires_grad_(t.requires_grad) for t in (q, k, v))
+            out = _flash_attention()(q, k, v)
+            if out.requires_grad:
+                out.sum().backward()
+        return True
+    except torch.cuda.OutOfMemoryError:  # a full GPU is not a broken kernel: the caller sees it
+        raise
+    except Exception as err:
+        warnings.warn(f"attention 'auto': the Triton kernel failed for q {tuple(q.shape)}, k/v "
+                      f"{tuple(k.shape)}, {q.dtype} ({type(err).__name__}: {err}); SDPA computes "
+                      "this shape instead", stacklevel=4)
+        return False
+
+
+def _auto_uses_triton(q, k, v):
+    """Backend "auto" uses our kernel on a GPU unless Triton cannot be imported, or the kernel
+    fails to compile or launch for this shape. Each failure warns once, naming the error, and
+    SDPA takes over that shape for the rest of the process: a kernel problem costs speed, not
+    the run. An explicit backend="triton" raises instead."""
+    if not _on_gpu(q):
+        return False
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    key = (tuple(q.shape), tuple(k.shape), q.dtype, needs_grad)
+    if key not in _triton_works:
+        _triton_works[key] = _triton_imports() and _triton_runs(q, k, v)
+    return _triton_works[key]
 
 
 # -----------------------------------------------------------------------------
@@ -763,3 +765,4 @@ def guided_model_fn(model, y, cfg_scale):
         pred = uncond[:, :C] + cfg_scale * (cond[:, :C] - uncond[:, :C])  # (N, C, H, W)
         return torch.cat([pred, cond[:, C:]], dim=1)                     # (N, C_out, H, W)
     return model_fn
+
