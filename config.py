@@ -119,6 +119,8 @@ class SampleConfig:
     eta: float = option(0.0, "DDIM noise: 0 deterministic, 1 matches DDPM", at_least=0, at_most=1)
     seed: int = option(0, "same seed, same images", at_least=0, at_most=2**32 - 1)
     device: str = option("auto", "where to sample", ("auto", "cpu", "cuda"))
+    precision: str = option("auto", "auto: bf16 autocast on CUDA, fp32 on CPU (as train.py's)",
+                            ("auto", "fp32", "bf16"))
     out: str = option("samples", "directory for grid.png and the single samples")
     show_steps: bool = option(False, "also write steps.png: x_t at evenly spaced timesteps")
     zoom: int = option(None, "enlarge grid.png and steps.png this many times (nearest pixel); "

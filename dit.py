@@ -15,7 +15,8 @@ Read it top to bottom:
     attention (three interchangeable backends; self- and cross-attention) -> embedders (patches,
     timesteps, labels) -> the block, four ways -> final layer -> DiT -> 2-D sin-cos positions
     -> presets -> the Gaussian diffusion process (Ho et al. 2020, Nichol & Dhariwal 2021,
-    Song et al. 2021) -> classifier-free guidance (Ho & Salimans 2022).
+    Song et al. 2021) -> classifier-free guidance (Ho & Salimans 2022) -> drawing images, the
+    one sampling path of train.py's sample grids and sample.py.
 
 With conditioning="adaln-zero" the state dict uses the reference layout (facebookresearch/DiT),
 so its released checkpoints load with `model.load_state_dict(state_dict, strict=True)`.
@@ -25,6 +26,7 @@ torch only: no timm, no numpy.
 """
 
 import functools
+import hashlib
 import math
 import warnings
 
@@ -766,3 +768,39 @@ def guided_model_fn(model, y, cfg_scale):
         return torch.cat([pred, cond[:, C:]], dim=1)                     # (N, C_out, H, W)
     return model_fn
 
+
+# -----------------------------------------------------------------------------
+# Drawing images: one path for train.py's sample grids and sample.py, x_T seeded per image
+# -----------------------------------------------------------------------------
+
+def seed_for(seed, *key):
+    """A 64-bit seed of its own for each (seed, purpose, ...), with no overlaps between them."""
+    text = "/".join(str(part) for part in (seed, *key))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+
+
+def initial_noise(seed, label, j, shape):
+    """x_T of sample j of class `label`, from a generator of its own on the CPU: the same whatever
+    the batch it lands in, the device, and the program that draws it (train.py's sample grids, or
+    sample.py)."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed_for(seed, "x_T", label, j)))
+
+
+def to_unit(x):
+    """Images from [-1, 1] to [0, 1], in float32, as image files hold them."""
+    return (x.float().clamp(-1, 1) + 1) / 2
+
+
+@torch.no_grad()
+def draw(model, diffusion, y, j, seed, steps, cfg_scale, sampler="ddim", eta=0.0):
+    """Denoise sample j[i] of class y[i] for every i, with guidance: yields x_t after each of the
+    `steps` reverse steps, (N, C, H, W), the last one the sample. DDPM's per-step noise (or DDIM's
+    at eta > 0) comes from one generator per batch, keyed by its first image, so there an image
+    also depends on the batch it is drawn in; DDIM at eta 0 uses none."""
+    shape = (model.in_channels, model.input_size, model.input_size)
+    noise = torch.stack([initial_noise(seed, c, k, shape) for c, k in zip(y.tolist(), j)]).to(y.device)  # x_T
+    gen = torch.Generator(y.device).manual_seed(seed_for(seed, "steps", y[0].item(), j[0]))
+    model_fn = guided_model_fn(model, y, cfg_scale)
+    for _, x, _ in diffusion.denoise_steps(model_fn, noise, steps=steps, sampler=sampler, eta=eta,
+                                           generator=gen):
+        yield x

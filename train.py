@@ -13,8 +13,9 @@ SIGINT/SIGTERM save a checkpoint first and exit with 130/143, so scripts can tel
 from a finished one. One train.py at a time may use an --out (a lock file says which process).
 Watch it with `tensorboard --logdir runs`. All flags: `python train.py --help` (or config.py).
 
-Reading order: processes and locks, the data order, checkpoints, logging and samples, then the four
-stages of `train()` (set up, resume, loop, finish), the benchmark, and `main`.
+Reading order: `train()`, the table of contents; the training step and the loop, which are the
+lesson; set up, resume, save and finish; logging and sample grids. Then an appendix of what keeps
+runs safe (the run directory's lock, checkpoint files, processes), the benchmark, and `main`.
 """
 
 import copy
@@ -40,292 +41,68 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import dit
-from config import ConfigError, TrainConfig, TRAIN_PRESETS, parse_args
+from config import ConfigError, SampleConfig, TrainConfig, TRAIN_PRESETS, flag, parse_args
 from dataset import DatasetError, ImageFolder, check_batch_size, ensure_builtin_dataset
 
 BUILTIN_DATA = "data/shapes"
 
 
-class CheckpointError(RuntimeError):
-    pass
+# -----------------------------------------------------------------------------
+# A run in four stages: set up, resume, loop, finish
+# -----------------------------------------------------------------------------
 
-
-class Diverged(RuntimeError):
-    """The loss became NaN or infinite: the run stops before anything non-finite is saved."""
-
-
-class Stopped(Exception):
-    """SIGINT or SIGTERM stopped the run after it saved a checkpoint."""
-
-    def __init__(self, signum):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
+def train(cfg):
+    """The table of contents: each stage is a section below, in this order."""
+    with distributed(cfg.device) as proc:
+        check_flags(cfg, proc)
+        if cfg.benchmark:
+            return benchmark(cfg, proc)
+        dataset = load_data(cfg, proc)  # before --out is made: a bad --data leaves nothing behind
+        with ExitStack() as run_dir:  # --out, held by rank 0 for the whole run; a refusal stops every rank
+            on_rank0(proc, lambda: run_dir.enter_context(claimed(cfg.out)))
+            state = build_state(cfg, dataset.classes, proc)
+            resume(cfg, state, proc)
+            if state.step >= cfg.steps:
+                return already_finished(cfg, state, proc)
+            start_step = state.step
+            with RunLog(cfg, state, len(dataset), proc) as log:
+                signum, loss = train_loop(cfg, state, dataset, proc, log)
+                return finish(cfg, state, signum, loss, start_step, log, proc)
 
 
 # -----------------------------------------------------------------------------
-# Devices, processes and locks
+# The training step: DDPM's loss at random timesteps, AdamW, the EMA of the weights
 # -----------------------------------------------------------------------------
 
-def resolve_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu")
-    return torch.device(name)
-
-
-@dataclasses.dataclass
-class Process:
-    rank: int
-    world: int
-    device: torch.device
-    group: object = None  # a gloo group for small host-side messages (stop flag, RNG states, errors)
-
-    @property
-    def is_main(self):
-        return self.rank == 0
-
-
-@contextmanager
-def distributed(device_name):
-    """DDP turns on when torchrun put RANK in the environment; plain `python train.py` is one process."""
-    if "RANK" not in os.environ:
-        yield Process(0, 1, resolve_device(device_name))
-        return
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    device = resolve_device(device_name)
+def make_train_step(cfg, state, proc):
+    """One optimizer step as a function of (x, y, lr). It returns device tensors, so the host
+    never waits for the device here."""
+    device = proc.device
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    try:  # NCCL only moves device tensors; the host-side messages go over gloo
-        yield Process(rank, world, device, dist.new_group(backend="gloo") if device.type == "cuda" else None)
-    finally:
-        dist.destroy_process_group()
-
-
-def on_rank0(proc, fn, *args):
-    """fn(*args) on rank 0 alone (the one that writes), its error shared with every rank: all stop
-    together instead of the others waiting forever in a collective that rank 0 never joins."""
-    result, error = None, None
-    if proc.is_main:
-        try:
-            result = fn(*args)
-        except (ConfigError, DatasetError, CheckpointError, OSError) as err:
-            error = err
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    net = torch.compile(state.model) if cfg.compile else state.model
     if proc.world > 1:
-        message = [None if error is None else str(error)]
-        dist.broadcast_object_list(message, src=0, group=proc.group)
-        if message[0] is not None and error is None:
-            error = ConfigError(message[0])
-    if error is not None:
-        raise error
-    return result
+        net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
+    net.train()
+    params = [p for p in state.model.parameters() if p.requires_grad]
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
 
+    def train_step(x, y, lr):
+        for group in state.opt.param_groups:
+            group["lr"] = lr
+        # DDPM (Ho et al. 2020, Algorithm 1): a uniform timestep per image; training_losses noises
+        # x to x_t and regresses the network's prediction on its target.
+        t = torch.randint(0, state.diffusion.num_timesteps, (x.shape[0],), device=device)  # (B,)
+        with autocast(cfg, device):
+            losses = state.diffusion.training_losses(net, x, t, y)                          # (B,) each
+        loss = losses["loss"].mean()
+        state.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        state.opt.step()
+        return loss.detach(), losses["mse"].mean().detach(), grad_norm
+    return train_step
 
-def agree_on_stop(signum, proc):
-    """The signal any rank has seen (or None): every rank stops at the same step, so none is left
-    waiting in an all-reduce the others never join. A host-side message, no device sync."""
-    if proc.world == 1:
-        return signum
-    flag = torch.tensor([signum or 0])
-    dist.all_reduce(flag, dist.ReduceOp.MAX, group=proc.group)
-    return int(flag) or None
-
-
-@contextmanager
-def locked(path, busy=None):
-    """An exclusive flock() on `path`, which holds the owner's pid. The kernel drops the lock when
-    its process dies, however it dies, so a killed run never blocks a restart. busy(pid) makes the
-    error when the lock is taken; without it, wait for the lock."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (fcntl.LOCK_NB if busy else 0))
-        except BlockingIOError:
-            raise ConfigError(busy(os.pread(fd, 32, 0).decode().strip() or "unknown")) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
-    finally:
-        os.close(fd)  # closing the file drops the lock
-
-
-RUN_LOCK = "train.lock"  # also what marks a folder as a run of this project
-
-
-@contextmanager
-def claimed(out):
-    """Refuse an --out that is not a run of ours; hold its lock while the run lasts."""
-    path = Path(out)
-    if not out:
-        raise ConfigError("--out is empty: name a run directory, e.g. --out runs/mine")
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"--out {out} is a file: name a directory (new, empty, or a run of this project)")
-    if path.is_dir() and any(path.iterdir()) and not ((path / RUN_LOCK).exists() or (path / "checkpoints").is_dir()):
-        raise ConfigError(f"--out {out} holds files that are not a run of this project (no {RUN_LOCK} or "
-                          f"checkpoints/): choose a new or empty directory")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        (path / RUN_LOCK).touch()
-    except OSError as err:
-        raise ConfigError(f"--out {out}: cannot write there ({err.strerror})") from None
-    with locked(path / RUN_LOCK, busy=lambda pid: f"--out {out} is in use by another train.py (pid {pid}): "
-                                                  f"wait for it, stop it, or choose another --out"):
-        for leftover in path.glob("checkpoints/step_*.pt.tmp"):  # a save that a kill interrupted
-            if CHECKPOINT_NAME.fullmatch(leftover.name[:-4]):
-                leftover.unlink()
-        yield
-
-
-@contextmanager
-def run_directory(out, proc):
-    """--out claimed by rank 0 for the whole run; a refusal there stops every rank."""
-    with ExitStack() as stack:
-        on_rank0(proc, lambda: stack.enter_context(claimed(out)))
-        yield
-
-
-def prepare_builtin_data(root, **settings):
-    """Generate the built-in set once, even when two first runs start together: the second waits
-    on the lock, then finds the set complete."""
-    root = Path(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with locked(root.parent / f".{root.name}.lock"):
-        return ensure_builtin_dataset(root, **settings)
-
-
-# -----------------------------------------------------------------------------
-# Data order: a shuffled, sharded, resumable stream of batches
-# -----------------------------------------------------------------------------
-
-class ResumableBatchSampler:
-    """Batch k of the run is a pure function of (seed, k): epoch e shuffles with seed + e, each rank
-    takes every world-th index (a distributed sampler), and a resumed run simply starts at batch k."""
-
-    def __init__(self, num_items, batch_size, seed, rank=0, world_size=1, start_batch=0):
-        self.per_rank = num_items // world_size
-        self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world_size
-        self.batches_per_epoch = self.per_rank // batch_size  # the ragged last batch is dropped
-        self.num_items, self.start_batch = num_items, start_batch
-
-    def __iter__(self):
-        batch, order_epoch, order = self.start_batch, None, None
-        while True:
-            epoch, k = divmod(batch, self.batches_per_epoch)
-            if epoch != order_epoch:
-                gen = torch.Generator().manual_seed(self.seed + epoch)
-                order = torch.randperm(self.num_items, generator=gen)[self.rank::self.world]
-                order_epoch = epoch
-            yield order[k * self.batch_size:(k + 1) * self.batch_size].tolist()
-            batch += 1
-
-
-# -----------------------------------------------------------------------------
-# Checkpoints: atomic writes, plain tensors, newest-first loading with fallback
-# -----------------------------------------------------------------------------
-
-CHECKPOINT_NAME = re.compile(r"step_(\d{7,})\.pt")
-CHECKPOINT_KEYS = ("model", "ema", "opt", "step", "wall_time", "rng", "config", "model_args",
-                   "diffusion_args", "classes")
-
-
-def checkpoint_name(step):
-    return f"step_{step:07d}.pt"
-
-
-def checkpoints_in(folder):
-    """The checkpoints the trainer wrote in `folder`, highest step first. Only the names it writes
-    count: a user's `step_best.pt` or `step_0000012 copy.pt` is never loaded, and never pruned."""
-    found = []
-    for path in Path(folder).glob("step_*.pt"):
-        match = CHECKPOINT_NAME.fullmatch(path.name)
-        if match and path.name == checkpoint_name(int(match[1])) and path.is_file():
-            found.append((int(match[1]), path))
-    return [path for _, path in sorted(found, reverse=True)]
-
-
-def checkpoint_files(run_dir):
-    """Checkpoint files of a run, newest first."""
-    return checkpoints_in(Path(run_dir, "checkpoints"))
-
-
-def save_checkpoint(state, run_dir, keep_every=0):
-    """Write to a temporary file, fsync, then rename: a kill at any point leaves either the old
-    set of checkpoints or the new one, never a half-written newest file. Keeps the two newest
-    (so a damaged newest one still has a fallback) and every multiple of keep_every."""
-    ckpt_dir = Path(run_dir, "checkpoints")
-    path = ckpt_dir / checkpoint_name(state["step"])
-    tmp = ckpt_dir / (path.name + ".tmp")
-    try:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:  # a full disk: no partial file left, and the older checkpoints are intact
-        tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"could not write {path} ({err.strerror or err}); the older checkpoints "
-                              f"are intact: free some space and run again to resume") from None
-    for old in checkpoint_files(run_dir)[2:]:
-        step = int(CHECKPOINT_NAME.fullmatch(old.name)[1])
-        if not (keep_every and step % keep_every == 0):
-            old.unlink()
-    return path
-
-
-def read_checkpoint(path, map_location="cpu"):
-    """One file, loaded with weights_only=True: tensors, numbers, strings, lists and dicts only, so
-    a shared file can never run code on this machine (a full pickle can)."""
-    try:
-        with warnings.catch_warnings():  # torch's own notes on refused files: our message says it
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:  # refused by the safe unpickler: nothing in the file ran
-        found = re.search(r"GLOBAL (\S+)", str(err))
-        what = f"it asks to run {found[1]}" if found else "not a file of tensors from torch.save"
-        raise CheckpointError(f"{path} is not a checkpoint of this project ({what}); refused, "
-                              f"nothing in it was run") from None
-    except Exception as err:  # truncated, empty, a zip of something else: many error types
-        reason = (str(err).split(". ")[0].splitlines() or [type(err).__name__])[0]
-        raise CheckpointError(f"checkpoint {path} is unreadable ({reason})") from None
-    missing = [k for k in CHECKPOINT_KEYS if k not in state] if isinstance(state, dict) else ["a dict"]
-    if missing:
-        raise CheckpointError(f"{path} is not a checkpoint of this project (it lacks {', '.join(missing)})")
-    return state
-
-
-def load_checkpoint(path, map_location="cpu"):
-    """Load a checkpoint file, or a run directory's newest readable one (falling back past a
-    damaged file with a warning). The one loader: train.py resumes with it, sample.py samples."""
-    path = Path(path)
-    if path.is_file():
-        return read_checkpoint(path, map_location)
-    if not path.is_dir():
-        raise CheckpointError(f"{path} does not exist: run `python train.py` first, or pass --ckpt")
-    candidates = checkpoint_files(path) or checkpoints_in(path)  # a run, or its checkpoints/ folder
-    if not candidates:
-        raise CheckpointError(f"no checkpoint in {path}/checkpoints (step_NNNNNNN.pt) yet: "
-                              f"run `python train.py --out {path}` first")
-    for i, candidate in enumerate(candidates):
-        try:
-            return read_checkpoint(candidate, map_location)
-        except CheckpointError as err:
-            if i + 1 == len(candidates):
-                raise
-            warnings.warn(f"{err}; falling back to {candidates[i + 1]}")
-
-
-def build_model(model_args, **options):
-    """Rebuild a DiT from the arguments a checkpoint stores (options: attn_backend, grad_checkpointing)."""
-    args = dict(model_args)
-    return dit.DiT_models[args.pop("name")](**args, **options)
-
-
-# -----------------------------------------------------------------------------
-# Optimisation helpers
-# -----------------------------------------------------------------------------
 
 def learning_rate(cfg, step):
     """Linear warm-up, then constant or a cosine decay to a tenth of the peak."""
@@ -337,23 +114,302 @@ def learning_rate(cfg, step):
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
+def ema_decay(cfg, step):
+    """Warmed up: early on, the average must forget the random initialisation quickly."""
+    return min(cfg.ema_decay, (1 + step) / (10 + step))
+
+
 @torch.no_grad()
 def update_ema(ema, model, decay):
     # One multi-tensor kernel for all parameters rather than one small kernel each.
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
 
 
-def ema_decay(cfg, step):
-    """Warmed up: early on, the average must forget the random initialisation quickly."""
-    return min(cfg.ema_decay, (1 + step) / (10 + step))
-
-
 def use_bf16(cfg, device):
+    """--precision, train.py's and sample.py's: "auto" is bf16 autocast on CUDA, fp32 elsewhere."""
     return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
 
 
+def autocast(cfg, device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(cfg, device))
+
+
 # -----------------------------------------------------------------------------
-# Logging and samples
+# The loop: batches, steps, and at log, sample and checkpoint steps: check, log, draw, save
+# -----------------------------------------------------------------------------
+
+def train_loop(cfg, state, dataset, proc, log):
+    """Steps until --steps or a signal. Returns the signal that stopped it (or None) and the last loss."""
+    train_step, batches = make_train_step(cfg, state, proc), make_batches(cfg, dataset, state.step, proc)
+    window, saved, loss, signum = Window(state.step), state.step, None, None
+    state.session_start = time.time()
+    profiler = torch.profiler.profile(  # steps 5-8 (after 2 skipped, 2 warm-up) into <out>/profile
+        schedule=torch.profiler.schedule(wait=2, warmup=2, active=4, repeat=1),
+        on_trace_ready=torch.profiler.tensorboard_trace_handler(str(Path(cfg.out, "profile"))),
+        record_shapes=True, profile_memory=True) if cfg.profile and proc.is_main else nullcontext()
+    with StopFlag() as stop, profiler:
+        while state.step < cfg.steps and not (signum := agree_on_stop(stop.signum, proc)):
+            x, y = next_batch(batches, cfg, state, proc.device)
+            lr = learning_rate(cfg, state.step)
+            window.add(*train_step(x, y, lr))
+            update_ema(state.ema, state.model, ema_decay(cfg, state.step))
+            state.step += 1
+            step = state.step
+            log.advance()
+            if cfg.profile and proc.is_main:
+                profiler.step()
+            is_log = step % cfg.log_every == 0 or step == cfg.steps
+            is_sample = cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps
+            is_ckpt = step % cfg.ckpt_every == 0
+            if is_log or is_sample or is_ckpt:
+                loss = window.check(step, cfg)
+            if is_log:
+                log.write(window.row(step, loss, lr, cfg.batch_size, state.wall_time()))
+                window = Window(step)
+            if is_sample:
+                log.samples(state, cfg, step)
+            if is_ckpt:
+                save(cfg, state, proc)
+                saved = step
+        if saved != state.step:  # the last step, or where a signal stopped us
+            loss = window.check(state.step, cfg) if window.n else loss
+            save(cfg, state, proc)
+    return signum, loss
+
+
+def next_batch(batches, cfg, state, device):
+    x, y = next(batches)
+    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    if cfg.hflip:
+        # Flipped here with a checkpointed generator, not in the data set: that keeps a resumed
+        # run bitwise identical whatever the number of loader workers.
+        flip = torch.rand(x.shape[0], generator=state.flip_gen) < 0.5
+        x = torch.where(flip.to(device)[:, None, None, None], x.flip(-1), x)
+    return x, y
+
+
+def make_batches(cfg, dataset, step, proc):
+    sampler = ResumableBatchSampler(len(dataset), cfg.batch_size // proc.world, cfg.seed, proc.rank,
+                                    proc.world, start_batch=step)
+    return iter(torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=cfg.workers, pin_memory=proc.device.type == "cuda",
+        persistent_workers=cfg.workers > 0,
+        # its own generator: creating the iterator must not draw from the global RNG, or a
+        # resumed run would diverge
+        generator=torch.Generator().manual_seed(cfg.seed)))
+
+
+class Window:
+    """Sums since the last log line, kept on the device: adding a step queues work and never
+    waits for it. `check` reads them, the one host sync, at log, sample and checkpoint steps."""
+
+    def __init__(self, step):
+        self.first, self.n, self.t = step + 1, 0, time.time()
+        self.loss = self.mse = self.norm = 0.0
+
+    def add(self, loss, mse, grad_norm):
+        self.loss, self.mse, self.norm = self.loss + loss, self.mse + mse, self.norm + grad_norm
+        self.n, self.last_norm = self.n + 1, grad_norm
+
+    def check(self, step, cfg):
+        """One NaN or inf anywhere in the window poisons its sums, so one read covers every step
+        since the last log line: nothing non-finite is ever saved. A finite loss with a non-finite
+        gradient norm would still leave NaN weights, hence the norm too."""
+        loss, norm = torch.stack([self.loss / self.n, self.norm.float()]).tolist()
+        if not math.isfinite(loss + norm):
+            where = f"at step {step}" if self.first == step else f"between steps {self.first} and {step}"
+            raise Diverged(f"training diverged {where} (mean loss {loss:.4g}, summed gradient norm {norm:.4g}): "
+                           f"stopped before saving, the newest checkpoint is intact. Lower --lr (now "
+                           f"{cfg.lr:g}) or keep --grad-clip on (now {cfg.grad_clip:g})")
+        return loss
+
+    def row(self, step, loss, lr, batch_size, elapsed):
+        dt = time.time() - self.t
+        return {"step": step, "loss": loss, "mse": (self.mse / self.n).item(), "grad_norm": self.last_norm.item(),
+                "lr": lr, "img_per_s": self.n * batch_size / dt, "elapsed_s": elapsed}
+
+
+class StopFlag:
+    """SIGINT/SIGTERM set `signum`; the loop saves a checkpoint at the end of the step and exits."""
+    signum = None
+
+    def __enter__(self):
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+# -----------------------------------------------------------------------------
+# Set up: flags, data, model, EMA and optimizer
+# -----------------------------------------------------------------------------
+
+def check_flags(cfg, proc):
+    """What config.py cannot check alone: flags that depend on each other or on this machine."""
+    if cfg.batch_size % proc.world:
+        raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by the {proc.world} processes")
+    if cfg.model not in dit.DiT_models:
+        raise ConfigError(f"--model {cfg.model!r} is not a preset; choose from {', '.join(dit.DiT_models)}")
+    patch = dit.DiT_models[cfg.model].keywords["patch_size"]
+    if cfg.image_size % patch:
+        raise ConfigError(f"--image-size {cfg.image_size} is not a multiple of {cfg.model}'s patch size {patch}")
+    if cfg.attn == "triton" and importlib.util.find_spec("triton") is None:
+        raise ConfigError("--attn triton: Triton is not installed (pip install triton); use --attn sdpa")
+    if cfg.attn == "triton" and proc.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError("--attn triton on a CPU runs only in Triton's interpreter: start with "
+                          "TRITON_INTERPRET=1 (slow), or use --attn sdpa")
+
+
+def load_data(cfg, proc):
+    if not cfg.data:
+        on_rank0(proc, prepare_builtin_data, BUILTIN_DATA)  # the other ranks wait for it
+    dataset = ImageFolder(cfg.data or BUILTIN_DATA, cfg.image_size)
+    check_batch_size(dataset, cfg.batch_size)
+    return dataset
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Everything a checkpoint holds, in memory."""
+    model: torch.nn.Module
+    ema: torch.nn.Module
+    opt: torch.optim.Optimizer
+    diffusion: dit.GaussianDiffusion
+    flip_gen: torch.Generator
+    model_args: dict
+    diffusion_args: dict
+    classes: list
+    step: int = 0
+    wall_before: float = 0.0      # seconds trained before this session
+    session_start: float = 0.0    # time.time() when this session's loop began
+
+    def wall_time(self):
+        return self.wall_before + time.time() - self.session_start
+
+
+# The flags that define the network (as dit.DiT's arguments: flag -> argument) and its noise process
+# (GaussianDiffusion's). The checkpoint keeps them, so sample.py needs no flags, and a resumed run
+# may not change them. The loss weighting may change: it is saved too, but only training uses it.
+MODEL_ARGS = {"model": "name", "image_size": "input_size", "learn_sigma": "learn_sigma",
+              "class_dropout": "class_dropout_prob", "conditioning": "conditioning"}
+DIFFUSION_ARGS = ("schedule", "prediction", "learn_sigma", "noise_shift")
+
+
+def build_state(cfg, classes, proc):
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model_args = {arg: getattr(cfg, key) for key, arg in MODEL_ARGS.items()}
+    model_args.update(in_channels=3, num_classes=len(classes))
+    diffusion_args = {key: getattr(cfg, key) for key in (*DIFFUSION_ARGS, "loss_weighting")}
+    model = build_model(model_args, attn_backend=cfg.attn, grad_checkpointing=cfg.grad_checkpointing)
+    model.to(proc.device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay, fused=proc.device.type == "cuda")
+    flip_gen = torch.Generator().manual_seed(cfg.seed + 1_000_003 * proc.rank)
+    torch.manual_seed(cfg.seed + proc.rank)  # per-rank noise and timesteps
+    return TrainState(model, ema, opt, dit.GaussianDiffusion(**diffusion_args), flip_gen, model_args,
+                      diffusion_args, classes)
+
+
+def build_model(model_args, **options):
+    """Rebuild a DiT from the arguments a checkpoint stores (options: attn_backend, grad_checkpointing)."""
+    args = dict(model_args)
+    return dit.DiT_models[args.pop("name")](**args, **options)
+
+
+def num_params(model):
+    """Every parameter, the frozen positions too: the count of the paper's Table 1."""
+    return sum(p.numel() for p in model.parameters())
+
+
+# -----------------------------------------------------------------------------
+# Resume (every rank's random streams too), save, finish
+# -----------------------------------------------------------------------------
+
+def resume(cfg, state, proc):
+    """Continue from the newest readable checkpoint in --out, if there is one."""
+    if not checkpoint_files(cfg.out):
+        return
+    saved = load_checkpoint(cfg.out)
+    saved_cfg = {"conditioning": "adaln-zero", "noise_shift": 1.0, **saved["config"]}  # older runs lack these
+    for key in dict.fromkeys((*MODEL_ARGS, *DIFFUSION_ARGS)):  # what defines the model may not change
+        if getattr(cfg, key) != saved_cfg.get(key):
+            raise ConfigError(f"{cfg.out} holds a run trained with {flag(key)} {saved_cfg.get(key)}, but this run "
+                              f"asks for {getattr(cfg, key)}: pass the same value, or another --out")
+    if state.classes != saved["classes"]:
+        raise ConfigError(f"{cfg.out} was trained on classes {saved['classes']}, but the data has {state.classes}")
+    state.model.load_state_dict(saved["model"])
+    state.ema.load_state_dict(saved["ema"])
+    state.opt.load_state_dict(saved["opt"])
+    state.step, state.wall_before = saved["step"], saved["wall_time"]
+    rng = saved["rng"] if isinstance(saved["rng"], list) else [saved["rng"]]  # older files: rank 0's
+    if len(rng) == proc.world:
+        torch.set_rng_state(rng[proc.rank]["cpu"])
+        state.flip_gen.set_state(rng[proc.rank]["flip"])
+        if proc.device.type == "cuda" and rng[proc.rank]["cuda"] is not None:
+            torch.cuda.set_rng_state(rng[proc.rank]["cuda"], proc.device)
+    elif proc.is_main:
+        warnings.warn(f"{cfg.out} was saved by {len(rng)} processes and this run has {proc.world}: "
+                      f"the random streams restart from --seed (the data order still resumes exactly)")
+    if proc.is_main and state.step < cfg.steps:
+        print(f"resuming {cfg.out} from step {state.step}")
+
+
+def save(cfg, state, proc):
+    """Every rank sends its RNG states (each resumes its own stream), rank 0 writes; an error there
+    (a full disk) stops every rank."""
+    mine = {"cpu": torch.get_rng_state(), "flip": state.flip_gen.get_state(),
+            "cuda": torch.cuda.get_rng_state(proc.device) if proc.device.type == "cuda" else None}
+    rng = [mine] * proc.world  # every rank's, in rank order, once gathered
+    if proc.world > 1:
+        dist.all_gather_object(rng, mine, group=proc.group)
+    on_rank0(proc, lambda: save_checkpoint({
+        "model": state.model.state_dict(), "ema": state.ema.state_dict(), "opt": state.opt.state_dict(),
+        "step": state.step, "wall_time": state.wall_time(), "rng": rng, "config": dataclasses.asdict(cfg),
+        "model_args": state.model_args, "diffusion_args": state.diffusion_args, "classes": state.classes},
+        cfg.out, cfg.keep_every))
+
+
+def already_finished(cfg, state, proc):
+    """A finished run started again: say so and touch nothing."""
+    if proc.is_main:
+        print(f"{cfg.out} already finished at step {state.step} (--steps {cfg.steps}); "
+              f"pass a larger --steps to train further")
+    try:
+        return json.loads(Path(cfg.out, "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def finish(cfg, state, signum, loss, start_step, log, proc):
+    """Final samples and summary.json (always valid JSON); a signal becomes `Stopped`."""
+    summary = None
+    if proc.is_main:
+        if signum is None:
+            log.samples(state, cfg, state.step)
+        seconds = time.time() - state.session_start
+        summary = {"steps": state.step, "final_loss": loss, "wall_time_s": round(state.wall_time(), 1),
+                   "img_per_s": round((state.step - start_step) * cfg.batch_size / max(1e-9, seconds), 1),
+                   "model": cfg.model, "params": num_params(state.model),
+                   "device": str(proc.device), "interrupted": signum is not None}
+        Path(cfg.out, "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
+    if signum is not None:
+        if proc.is_main:
+            print(f"stopped by {signal.Signals(signum).name} at step {state.step}; checkpoint saved, "
+                  f"run again to resume")
+        if proc.world > 1:  # torchrun ends the others when one rank exits non-zero: rank 0 first
+            dist.barrier(group=proc.group)
+        raise Stopped(signum)
+    return summary
+
+
+# -----------------------------------------------------------------------------
+# Logging and sample grids
 # -----------------------------------------------------------------------------
 
 METRIC_COLUMNS = ["step", "loss", "mse", "grad_norm", "lr", "img_per_s", "elapsed_s"]
@@ -393,8 +449,7 @@ class RunLog:
         self.writer = SummaryWriter(self.out, purge_step=state.step)  # drops events past the checkpoint
         self.metrics = open_metrics(self.out / "metrics.csv", state.step)
         (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-        num_params = sum(p.numel() for p in state.model.parameters())
-        print(f"{cfg.model}: {num_params / 1e6:.2f}M parameters, {num_images} images in "
+        print(f"{cfg.model}: {num_params(state.model) / 1e6:.2f}M parameters, {num_images} images in "
               f"{len(state.classes)} classes, {proc.world} x {proc.device.type}, "
               f"{'bf16' if use_bf16(cfg, proc.device) else 'fp32'}")
         self.bar = tqdm(total=cfg.steps, initial=state.step, dynamic_ncols=True)
@@ -429,388 +484,301 @@ class RunLog:
                           self.writer, step)
 
 
-@torch.no_grad()
-def sample_grid(model, diffusion, num_classes, per_class, steps, cfg_scale, device, seed=0):
-    """per_class samples of every class, class-major: (num_classes * per_class, 3, H, W) in [0, 1].
-    Uses its own generator, so drawing a grid never disturbs the training RNG (exact resume)."""
-    gen = torch.Generator(device).manual_seed(seed)
-    y = torch.arange(num_classes, device=device).repeat_interleave(per_class)
-    s = model.input_size
-    noise = torch.randn(len(y), model.in_channels, s, s, device=device, generator=gen)
-    x = diffusion.sample(dit.guided_model_fn(model, y, cfg_scale), noise, steps=steps,
-                         sampler="ddim", generator=gen)
-    return (x.float().clamp(-1, 1) + 1) / 2
-
-
-def enlarge(grid, zoom=None, min_width=512):
-    """Nearest-neighbour upscaling, so a grid of 16 or 32 px images is big enough to look at (a smooth
-    filter would blur the very pixels one wants to judge). zoom=None: just enough for min_width."""
-    zoom = zoom or max(1, math.ceil(min_width / grid.shape[-1]))
-    return grid.repeat_interleave(zoom, -1).repeat_interleave(zoom, -2)
-
-
-def write_samples(ema, diffusion, cfg, classes, device, out, writer, step, per_class=8):
-    """samples/step_N.png, enlarged for people, and step_N_raw.png at the images' own size."""
-    import torchvision.utils
-    with torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16(cfg, device) else nullcontext():
-        cfg_scale = cfg.cfg_scale if cfg.class_dropout > 0 else 1.0  # no null label, no guidance
-        images = sample_grid(ema, diffusion, len(classes), per_class, cfg.sample_steps, cfg_scale, device)
-    grid = torchvision.utils.make_grid(images, nrow=per_class, padding=1)  # one row per class
+def write_samples(ema, diffusion, cfg, classes, device, out, writer, step):
+    """samples/step_N.png, enlarged for people, and step_N_raw.png at the images' own size: row c
+    holds samples 0-7 of class c exactly as `python sample.py --label c` draws them with this run's
+    --sample-steps, --cfg-scale and --precision (one path, dit.draw, and sample.py's default seed)."""
+    y = torch.arange(len(classes), device=device).repeat_interleave(8)              # (8 L,), class-major
+    cfg_scale = cfg.cfg_scale if cfg.class_dropout > 0 else 1.0  # no null label, no guidance
+    with autocast(cfg, device):
+        for x in dit.draw(ema, diffusion, y, list(range(8)) * len(classes), SampleConfig.seed,
+                          cfg.sample_steps, cfg_scale):
+            pass
     (out / "samples").mkdir(exist_ok=True)
-    torchvision.utils.save_image(enlarge(grid), out / "samples" / f"step_{step:07d}.png")
-    torchvision.utils.save_image(grid, out / "samples" / f"step_{step:07d}_raw.png")
-    writer.add_image("samples/ema", enlarge(grid), step)
+    name = out / "samples" / f"step_{step:07d}"
+    writer.add_image("samples/ema", save_grid(dit.to_unit(x), f"{name}.png", 8, raw=f"{name}_raw.png"), step)
     # What the network outputs for fresh noise x_T at the noisiest timestep: a collapse to zero or
     # a blow-up shows here before it shows in the samples.
-    gen = torch.Generator(device).manual_seed(step)
-    s = ema.input_size
-    noise = torch.randn(per_class, ema.in_channels, s, s, device=device, generator=gen)
-    t = torch.full((per_class,), diffusion.num_timesteps - 1, device=device)
-    y = torch.arange(per_class, device=device) % len(classes)
+    noise = torch.randn(8, *x.shape[1:], device=device, generator=torch.Generator(device).manual_seed(step))
+    t = torch.full((8,), diffusion.num_timesteps - 1, device=device)
     with torch.no_grad():
-        writer.add_histogram("ema/prediction", ema(noise, t, y).float().cpu(), step)
+        prediction = ema(noise, t, torch.arange(8, device=device) % len(classes))               # (8, C, H, W)
+    writer.add_histogram("ema/prediction", prediction.float().cpu(), step)
+
+
+def save_grid(images, path, nrow, zoom=None, raw=None):
+    """A grid of images in [0, 1], `nrow` to a row, saved enlarged by `zoom` (by default to at least
+    512 px wide) for people; also at its own size to `raw`, for programs. Returns the enlarged grid.
+    Nearest-pixel enlargement: a smooth filter would blur the very pixels one wants to judge."""
+    import torchvision.utils
+    grid = torchvision.utils.make_grid(images, nrow=nrow, padding=1)
+    if raw:
+        torchvision.utils.save_image(grid, raw)
+    zoom = zoom or max(1, math.ceil(512 / grid.shape[-1]))
+    grid = grid.repeat_interleave(zoom, -1).repeat_interleave(zoom, -2)
+    torchvision.utils.save_image(grid, path)
+    return grid
+
+
+# =============================================================================
+# Appendix: what keeps runs safe. The run directory and its lock, checkpoint files, the data
+# order, and the processes of a DDP run.
+# =============================================================================
+
+# -----------------------------------------------------------------------------
+# The run directory: one train.py at a time, and only in a run of ours
+# -----------------------------------------------------------------------------
+
+RUN_LOCK = "train.lock"  # also what marks a folder as a run of this project
+
+
+@contextmanager
+def claimed(out):
+    """Refuse an --out that is not a run of ours; hold its lock while the run lasts."""
+    path = Path(out)
+    ours = (path / RUN_LOCK).exists() or (path / "checkpoints").is_dir()
+    if out and path.is_dir() and any(path.iterdir()) and not ours:
+        raise ConfigError(f"--out {out} holds files that are not a run of this project (no {RUN_LOCK} or "
+                          f"checkpoints/): choose a new or empty directory")
+    make_out_dir(out, "the run, e.g. --out runs/mine")
+    with locked(path / RUN_LOCK, busy=lambda pid: f"--out {out} is in use by another train.py (pid {pid}): "
+                                                  f"wait for it, stop it, or choose another --out"):
+        for leftover in path.glob("checkpoints/step_*.pt.tmp"):  # a save that a kill interrupted
+            if CHECKPOINT_NAME.fullmatch(leftover.name[:-4]):
+                leftover.unlink()
+        yield
+
+
+def make_out_dir(out, what):
+    """Create --out, a directory for `what` (train.py's run, sample.py's images), or say in one
+    line why it cannot be."""
+    path = Path(out)
+    if not out:
+        raise ConfigError(f"--out is empty: name a directory for {what}")
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--out {out} is a file: name a directory for {what}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"--out {out}: cannot write there ({err.strerror})") from None
+    if not os.access(path, os.W_OK):
+        raise ConfigError(f"--out {out}: cannot write there (not writable)")
+    return path
+
+
+@contextmanager
+def locked(path, busy=None):
+    """An exclusive flock() on `path`, which holds the owner's pid. The kernel drops the lock when
+    its process dies, however it dies, so a killed run never blocks a restart. busy(pid) makes the
+    error when the lock is taken; without it, wait for the lock."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (fcntl.LOCK_NB if busy else 0))
+        except BlockingIOError:
+            raise ConfigError(busy(os.pread(fd, 32, 0).decode().strip() or "unknown")) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the file drops the lock
+
+
+def prepare_builtin_data(root, **settings):
+    """Generate the built-in set once, even when two first runs start together: the second waits
+    on the lock, then finds the set complete."""
+    root = Path(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with locked(root.parent / f".{root.name}.lock"):
+        return ensure_builtin_dataset(root, **settings)
 
 
 # -----------------------------------------------------------------------------
-# Training, stage 1: set up (check flags, data, model and optimizer)
+# Checkpoint files: atomic writes, plain tensors, newest-first loading with fallback
 # -----------------------------------------------------------------------------
 
-def check_flags(cfg, proc):
-    """What config.py cannot check alone: flags that depend on each other or on this machine."""
-    if cfg.batch_size % proc.world:
-        raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by the {proc.world} processes")
-    if cfg.model not in dit.DiT_models:
-        raise ConfigError(f"--model {cfg.model!r} is not a preset; choose from {', '.join(dit.DiT_models)}")
-    patch = int(cfg.model.split("/")[1])
-    if cfg.image_size % patch:
-        raise ConfigError(f"--image-size {cfg.image_size} is not a multiple of {cfg.model}'s patch size {patch}")
-    if cfg.attn == "triton" and importlib.util.find_spec("triton") is None:
-        raise ConfigError("--attn triton: Triton is not installed (pip install triton); use --attn sdpa")
-    if cfg.attn == "triton" and proc.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ConfigError("--attn triton on a CPU runs only in Triton's interpreter: start with "
-                          "TRITON_INTERPRET=1 (slow), or use --attn sdpa")
+CHECKPOINT_NAME = re.compile(r"step_(\d{7}|[1-9]\d{7,})\.pt")  # checkpoint_name(): 7 digits, or more without a 0 first
+CHECKPOINT_KEYS = ("model", "ema", "opt", "step", "wall_time", "rng", "config", "model_args",
+                   "diffusion_args", "classes")
 
 
-def load_data(cfg, proc):
-    if not cfg.data:
-        on_rank0(proc, prepare_builtin_data, BUILTIN_DATA)  # the other ranks wait for it
-    dataset = ImageFolder(cfg.data or BUILTIN_DATA, cfg.image_size)
-    check_batch_size(dataset, cfg.batch_size)
-    return dataset
+def checkpoint_name(step):
+    return f"step_{step:07d}.pt"
+
+
+def checkpoints_in(folder):
+    """The checkpoints the trainer wrote in `folder`, highest step first. Only the names it writes
+    count: a user's `step_best.pt` or `step_0000012 copy.pt` is never loaded, and never pruned."""
+    found = [(int(match[1]), path) for path in Path(folder).glob("step_*.pt")
+             if (match := CHECKPOINT_NAME.fullmatch(path.name)) and path.is_file()]
+    return [path for _, path in sorted(found, reverse=True)]
+
+
+def checkpoint_files(run_dir):
+    """Checkpoint files of a run, newest first."""
+    return checkpoints_in(Path(run_dir, "checkpoints"))
+
+
+def save_checkpoint(state, run_dir, keep_every=0):
+    """Write to a temporary file, fsync, then rename: a kill at any point leaves either the old
+    set of checkpoints or the new one, never a half-written newest file. Keeps the two newest
+    (so a damaged newest one still has a fallback) and every multiple of keep_every."""
+    ckpt_dir = Path(run_dir, "checkpoints")
+    path = ckpt_dir / checkpoint_name(state["step"])
+    tmp = ckpt_dir / (path.name + ".tmp")
+    try:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:  # a full disk: no partial file left, and the older checkpoints are intact
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"could not write {path} ({err.strerror or err}); the older checkpoints "
+                              f"are intact: free some space and run again to resume") from None
+    for old in checkpoint_files(run_dir)[2:]:
+        step = int(CHECKPOINT_NAME.fullmatch(old.name)[1])
+        if not (keep_every and step % keep_every == 0):
+            old.unlink()
+    return path
+
+
+def read_checkpoint(path):
+    """One file, loaded with weights_only=True: tensors, numbers, strings, lists and dicts only, so
+    a shared file can never run code on this machine (a full pickle can). Onto the CPU: the caller
+    moves what it needs. Keys beyond CHECKPOINT_KEYS (older files' "data_batches") are ignored."""
+    try:
+        with warnings.catch_warnings():  # torch's own notes on refused files: our message says it
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # refused by the safe unpickler: nothing in the file ran
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        what = f"it asks to run {found[1]}" if found else "not a file of tensors from torch.save"
+        raise CheckpointError(f"{path} is not a checkpoint of this project ({what}); refused, "
+                              f"nothing in it was run") from None
+    except Exception as err:  # truncated, empty, a zip of something else: many error types
+        reason = (str(err).split(". ")[0].splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"checkpoint {path} is unreadable ({reason})") from None
+    missing = [k for k in CHECKPOINT_KEYS if k not in state] if isinstance(state, dict) else ["a dict"]
+    if missing:
+        raise CheckpointError(f"{path} is not a checkpoint of this project (it lacks {', '.join(missing)})")
+    return state
+
+
+def load_checkpoint(path):
+    """Load a checkpoint file, or a run directory's newest readable one (falling back past a
+    damaged file with a warning). The one loader: train.py resumes with it, sample.py samples."""
+    path = Path(path)
+    if path.is_file():
+        return read_checkpoint(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} does not exist: run `python train.py` first, or pass --ckpt")
+    candidates = checkpoint_files(path) or checkpoints_in(path)  # a run, or its checkpoints/ folder
+    if not candidates:
+        raise CheckpointError(f"no checkpoint in {path}/checkpoints (step_NNNNNNN.pt) yet: "
+                              f"run `python train.py --out {path}` first")
+    for i, candidate in enumerate(candidates):
+        try:
+            return read_checkpoint(candidate)
+        except CheckpointError as err:
+            if i + 1 == len(candidates):
+                raise
+            warnings.warn(f"{err}; falling back to {candidates[i + 1]}")
+
+
+# -----------------------------------------------------------------------------
+# Data order: a shuffled, sharded, resumable stream of batches
+# -----------------------------------------------------------------------------
+
+class ResumableBatchSampler:
+    """Batch k of the run is a pure function of (seed, k): epoch e shuffles with seed + e, each rank
+    takes every world-th index (a distributed sampler), and a resumed run simply starts at batch k."""
+
+    def __init__(self, num_items, batch_size, seed, rank, world_size, start_batch=0):
+        self.per_rank = num_items // world_size
+        self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world_size
+        self.batches_per_epoch = self.per_rank // batch_size  # the ragged last batch is dropped
+        self.num_items, self.start_batch = num_items, start_batch
+
+    def __iter__(self):
+        batch, order_epoch, order = self.start_batch, None, None
+        while True:
+            epoch, k = divmod(batch, self.batches_per_epoch)
+            if epoch != order_epoch:
+                gen = torch.Generator().manual_seed(self.seed + epoch)
+                order = torch.randperm(self.num_items, generator=gen)[self.rank::self.world]
+                order_epoch = epoch
+            yield order[k * self.batch_size:(k + 1) * self.batch_size].tolist()
+            batch += 1
+
+
+# -----------------------------------------------------------------------------
+# Devices and processes: one, or a DDP group that stops and fails together
+# -----------------------------------------------------------------------------
+
+def resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu")
+    return torch.device(name)
 
 
 @dataclasses.dataclass
-class TrainState:
-    """Everything a checkpoint holds, in memory."""
-    model: torch.nn.Module
-    ema: torch.nn.Module
-    opt: torch.optim.Optimizer
-    diffusion: dit.GaussianDiffusion
-    flip_gen: torch.Generator
-    model_args: dict
-    diffusion_args: dict
-    classes: list
-    step: int = 0
-    wall_before: float = 0.0      # seconds trained before this session
-    session_start: float = 0.0    # time.time() when this session's loop began
-
-    def wall_time(self):
-        return self.wall_before + time.time() - self.session_start
+class Process:
+    rank: int
+    world: int
+    device: torch.device
+    group: object = None  # a gloo group for small host-side messages (stop flag, RNG states, errors)
+    is_main = property(lambda self: self.rank == 0)  # the rank that writes
 
 
-def build_state(cfg, classes, proc):
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model_args = dict(name=cfg.model, input_size=cfg.image_size, in_channels=3, num_classes=len(classes),
-                      learn_sigma=cfg.learn_sigma, class_dropout_prob=cfg.class_dropout,
-                      conditioning=cfg.conditioning)
-    diffusion_args = dict(schedule=cfg.schedule, prediction=cfg.prediction, learn_sigma=cfg.learn_sigma,
-                          loss_weighting=cfg.loss_weighting, noise_shift=cfg.noise_shift)
-    model = build_model(model_args, attn_backend=cfg.attn, grad_checkpointing=cfg.grad_checkpointing)
-    model.to(proc.device)
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                            weight_decay=cfg.weight_decay, fused=proc.device.type == "cuda")
-    flip_gen = torch.Generator().manual_seed(cfg.seed + 1_000_003 * proc.rank)
-    torch.manual_seed(cfg.seed + proc.rank)  # per-rank noise and timesteps
-    return TrainState(model, ema, opt, dit.GaussianDiffusion(**diffusion_args), flip_gen, model_args,
-                      diffusion_args, classes)
-
-
-def make_train_step(cfg, state, proc):
-    """One optimizer step as a function of (x, y, lr). It returns device tensors, so the host
-    never waits for the device here."""
-    device = proc.device
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16(cfg, device) else nullcontext()
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    net = torch.compile(state.model) if cfg.compile else state.model
-    if proc.world > 1:
-        net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
-    net.train()
-    params = [p for p in state.model.parameters() if p.requires_grad]
-    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-
-    def train_step(x, y, lr):
-        for group in state.opt.param_groups:
-            group["lr"] = lr
-        t = torch.randint(0, state.diffusion.num_timesteps, (x.shape[0],), device=device)
-        with autocast:
-            losses = state.diffusion.training_losses(net, x, t, y)
-        loss = losses["loss"].mean()
-        state.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        state.opt.step()
-        return loss.detach(), losses["mse"].mean().detach(), grad_norm
-    return train_step
-
-
-# -----------------------------------------------------------------------------
-# Training, stage 2: resume (every rank's random streams too)
-# -----------------------------------------------------------------------------
-
-MODEL_FIELDS = ("model", "image_size", "learn_sigma", "class_dropout", "conditioning", "schedule",
-                "noise_shift", "prediction")
-
-
-def check_resume_compatible(cfg, saved_cfg, classes, saved_classes):
-    # runs saved before --conditioning and --noise-shift existed
-    saved_cfg = {"conditioning": "adaln-zero", "noise_shift": 1.0, **saved_cfg}
-    for key in MODEL_FIELDS:
-        if getattr(cfg, key) != saved_cfg.get(key):
-            flag = "--" + key.replace("_", "-")
-            raise ConfigError(f"{cfg.out} holds a run trained with {flag} {saved_cfg.get(key)}, but this run "
-                              f"asks for {getattr(cfg, key)}: pass the same value, or another --out")
-    if classes != saved_classes:
-        raise ConfigError(f"{cfg.out} was trained on classes {saved_classes}, but the data has {classes}")
-
-
-def rng_states(state, device):
-    return {"cpu": torch.get_rng_state(), "flip": state.flip_gen.get_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-
-
-def gather_rng_states(state, proc):
-    """Every rank's RNG states, in rank order: each rank resumes its own stream."""
-    mine = rng_states(state, proc.device)
-    if proc.world == 1:
-        return [mine]
-    every = [None] * proc.world
-    dist.all_gather_object(every, mine, group=proc.group)
-    return every
-
-
-def resume(cfg, state, proc):
-    """Continue from the newest readable checkpoint in --out, if there is one."""
-    if not checkpoint_files(cfg.out):
+@contextmanager
+def distributed(device_name):
+    """DDP turns on when torchrun put RANK in the environment; plain `python train.py` is one process."""
+    if "RANK" not in os.environ:
+        yield Process(0, 1, resolve_device(device_name))
         return
-    saved = load_checkpoint(cfg.out)
-    check_resume_compatible(cfg, saved["config"], state.classes, saved["classes"])
-    state.model.load_state_dict(saved["model"])
-    state.ema.load_state_dict(saved["ema"])
-    state.opt.load_state_dict(saved["opt"])
-    state.step, state.wall_before = saved["step"], saved["wall_time"]
-    rng = saved["rng"] if isinstance(saved["rng"], list) else [saved["rng"]]  # older files: rank 0's
-    if len(rng) == proc.world:
-        torch.set_rng_state(rng[proc.rank]["cpu"])
-        state.flip_gen.set_state(rng[proc.rank]["flip"])
-        if proc.device.type == "cuda" and rng[proc.rank]["cuda"] is not None:
-            torch.cuda.set_rng_state(rng[proc.rank]["cuda"], proc.device)
-    elif proc.is_main:
-        warnings.warn(f"{cfg.out} was saved by {len(rng)} processes and this run has {proc.world}: "
-                      f"the random streams restart from --seed (the data order still resumes exactly)")
-    if proc.is_main and state.step < cfg.steps:
-        print(f"resuming {cfg.out} from step {state.step}")
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:  # NCCL only moves device tensors; the host-side messages go over gloo
+        yield Process(rank, world, device, dist.new_group(backend="gloo") if device.type == "cuda" else None)
+    finally:
+        dist.destroy_process_group()
 
 
-def checkpoint_state(cfg, state, rng):
-    return {"model": state.model.state_dict(), "ema": state.ema.state_dict(), "opt": state.opt.state_dict(),
-            "step": state.step, "data_batches": state.step, "wall_time": state.wall_time(), "rng": rng,
-            "config": dataclasses.asdict(cfg), "model_args": state.model_args,
-            "diffusion_args": state.diffusion_args, "classes": state.classes}
-
-
-def save(cfg, state, proc):
-    """Every rank sends its RNG states, rank 0 writes; an error there (a full disk) stops every rank."""
-    rng = gather_rng_states(state, proc)
-    on_rank0(proc, lambda: save_checkpoint(checkpoint_state(cfg, state, rng), cfg.out, cfg.keep_every))
-
-
-def already_finished(cfg, state, proc):
-    """A finished run started again: say so and touch nothing."""
+def on_rank0(proc, fn, *args):
+    """fn(*args) on rank 0 alone (the one that writes), its error shared with every rank: all stop
+    together instead of the others waiting forever in a collective that rank 0 never joins."""
+    result, error = None, None
     if proc.is_main:
-        print(f"{cfg.out} already finished at step {state.step} (--steps {cfg.steps}); "
-              f"pass a larger --steps to train further")
-    try:
-        return json.loads(Path(cfg.out, "summary.json").read_text())
-    except (OSError, ValueError):
-        return None
+        try:
+            result = fn(*args)
+        except FAILURES as err:
+            error = err
+    if proc.world > 1:
+        message = [None if error is None else str(error)]
+        dist.broadcast_object_list(message, src=0, group=proc.group)
+        if message[0] is not None and error is None:
+            error = ConfigError(message[0])
+    if error is not None:
+        raise error
+    return result
 
 
-# -----------------------------------------------------------------------------
-# Training, stage 3: the loop
-# -----------------------------------------------------------------------------
-
-class StopFlag:
-    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the end of the step and exits."""
-
-    def __init__(self):
-        self.signum = None
-        self.previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self.previous[sig] = signal.signal(sig, self.handle)
-        return self
-
-    def handle(self, signum, frame):
-        self.signum = signum
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
-class Window:
-    """Sums since the last log line, kept on the device: adding a step queues work and never
-    waits for it. `check` reads them, the one host sync, at log, sample and checkpoint steps."""
-
-    def __init__(self, step):
-        self.first, self.n, self.t = step + 1, 0, time.time()
-        self.loss = self.mse = self.norm = 0.0
-
-    def add(self, loss, mse, grad_norm):
-        self.loss, self.mse, self.norm = self.loss + loss, self.mse + mse, self.norm + grad_norm
-        self.n, self.last_norm = self.n + 1, grad_norm
-
-    def check(self, step, cfg):
-        """One NaN or inf anywhere in the window poisons its sums, so one read covers every step
-        since the last log line: nothing non-finite is ever saved. A finite loss with a non-finite
-        gradient norm would still leave NaN weights, hence the norm too."""
-        loss, norm = torch.stack([self.loss / self.n, self.norm.float()]).tolist()
-        if not math.isfinite(loss + norm):
-            where = f"at step {step}" if self.first == step else f"between steps {self.first} and {step}"
-            raise Diverged(f"training diverged {where} (mean loss {loss:.4g}, summed gradient norm {norm:.4g}): "
-                           f"stopped before saving, the newest checkpoint is intact. Lower --lr (now "
-                           f"{cfg.lr:g}) or keep --grad-clip on (now {cfg.grad_clip:g})")
-        return loss
-
-    def row(self, step, loss, lr, batch_size, elapsed):
-        dt = time.time() - self.t
-        return {"step": step, "loss": loss, "mse": (self.mse / self.n).item(), "grad_norm": self.last_norm.item(),
-                "lr": lr, "img_per_s": self.n * batch_size / dt, "elapsed_s": elapsed}
-
-
-def next_batch(batches, cfg, state, device):
-    x, y = next(batches)
-    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-    if cfg.hflip:
-        # Flipped here with a checkpointed generator, not in the data set: that keeps a resumed
-        # run bitwise identical whatever the number of loader workers.
-        flip = torch.rand(x.shape[0], generator=state.flip_gen) < 0.5
-        x = torch.where(flip.to(device)[:, None, None, None], x.flip(-1), x)
-    return x, y
-
-
-def make_batches(cfg, dataset, step, proc):
-    sampler = ResumableBatchSampler(len(dataset), cfg.batch_size // proc.world, cfg.seed, proc.rank,
-                                    proc.world, start_batch=step)
-    return iter(torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, num_workers=cfg.workers, pin_memory=proc.device.type == "cuda",
-        persistent_workers=cfg.workers > 0,
-        # its own generator: creating the iterator must not draw from the global RNG, or a
-        # resumed run would diverge
-        generator=torch.Generator().manual_seed(cfg.seed)))
-
-
-def train_loop(cfg, state, dataset, proc, log):
-    """Steps until --steps or a signal; at log, sample and checkpoint steps: check, log, draw, save.
-    Returns the signal that stopped it (or None) and the last loss."""
-    train_step, batches = make_train_step(cfg, state, proc), make_batches(cfg, dataset, state.step, proc)
-    window, saved, loss, signum = Window(state.step), state.step, None, None
-    state.session_start = time.time()
-    with StopFlag() as stop, make_profiler(cfg, proc) as profiler:
-        while state.step < cfg.steps and not (signum := agree_on_stop(stop.signum, proc)):
-            x, y = next_batch(batches, cfg, state, proc.device)
-            lr = learning_rate(cfg, state.step)
-            window.add(*train_step(x, y, lr))
-            update_ema(state.ema, state.model, ema_decay(cfg, state.step))
-            state.step += 1
-            step = state.step
-            log.advance()
-            if cfg.profile and proc.is_main:
-                profiler.step()
-            is_log = step % cfg.log_every == 0 or step == cfg.steps
-            is_sample = cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps
-            is_ckpt = step % cfg.ckpt_every == 0
-            if is_log or is_sample or is_ckpt:
-                loss = window.check(step, cfg)
-            if is_log:
-                log.write(window.row(step, loss, lr, cfg.batch_size, state.wall_time()))
-                window = Window(step)
-            if is_sample:
-                log.samples(state, cfg, step)
-            if is_ckpt:
-                save(cfg, state, proc)
-                saved = step
-        if saved != state.step:  # the last step, or where a signal stopped us
-            loss = window.check(state.step, cfg) if window.n else loss
-            save(cfg, state, proc)
-    return signum, loss
-
-
-def make_profiler(cfg, proc):
-    if not (cfg.profile and proc.is_main):
-        return nullcontext()
-    return torch.profiler.profile(
-        schedule=torch.profiler.schedule(wait=2, warmup=2, active=4, repeat=1),
-        on_trace_ready=torch.profiler.tensorboard_trace_handler(str(Path(cfg.out, "profile"))),
-        record_shapes=True, profile_memory=True)
-
-
-# -----------------------------------------------------------------------------
-# Training, stage 4: finish; and the whole run
-# -----------------------------------------------------------------------------
-
-def finish(cfg, state, signum, loss, start_step, log, proc):
-    """Final samples and summary.json (always valid JSON); a signal becomes `Stopped`."""
-    summary = None
-    if proc.is_main:
-        if signum is None:
-            log.samples(state, cfg, state.step)
-        seconds = time.time() - state.session_start
-        summary = {"steps": state.step, "final_loss": loss, "wall_time_s": round(state.wall_time(), 1),
-                   "img_per_s": round((state.step - start_step) * cfg.batch_size / max(1e-9, seconds), 1),
-                   "model": cfg.model, "params": sum(p.numel() for p in state.model.parameters()),
-                   "device": str(proc.device), "interrupted": signum is not None}
-        Path(cfg.out, "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
-    if signum is not None:
-        if proc.is_main:
-            print(f"stopped by {signal.Signals(signum).name} at step {state.step}; checkpoint saved, "
-                  f"run again to resume")
-        if proc.world > 1:  # torchrun ends the others when one rank exits non-zero: rank 0 first
-            dist.barrier(group=proc.group)
-        raise Stopped(signum)
-    return summary
-
-
-def train(cfg):
-    """A run in four stages: set up, resume, loop, finish."""
-    with distributed(cfg.device) as proc:
-        check_flags(cfg, proc)
-        if cfg.benchmark:
-            return benchmark(cfg, proc)
-        with run_directory(cfg.out, proc):
-            dataset = load_data(cfg, proc)
-            state = build_state(cfg, dataset.classes, proc)
-            resume(cfg, state, proc)
-            if state.step >= cfg.steps:
-                return already_finished(cfg, state, proc)
-            start_step = state.step
-            with RunLog(cfg, state, len(dataset), proc) as log:
-                signum, loss = train_loop(cfg, state, dataset, proc, log)
-                return finish(cfg, state, signum, loss, start_step, log, proc)
+def agree_on_stop(signum, proc):
+    """The signal any rank has seen (or None): every rank stops at the same step, so none is left
+    waiting in an all-reduce the others never join. A host-side message, no device sync."""
+    if proc.world == 1:
+        return signum
+    seen = torch.tensor([signum or 0])
+    dist.all_reduce(seen, dist.ReduceOp.MAX, group=proc.group)
+    return int(seen) or None
 
 
 # -----------------------------------------------------------------------------
@@ -818,26 +786,6 @@ def train(cfg):
 # -----------------------------------------------------------------------------
 
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H100 PCIe": 756.0, "A100": 312.0, "L4": 121.0}
-
-
-def forward_flops(model_args, batch_size):
-    """FLOPs of one forward pass, counted on the meta device (no memory, no compute)."""
-    from torch.utils.flop_counter import FlopCounterMode
-    with torch.device("meta"):
-        model = build_model(model_args, attn_backend="math")
-        x = torch.randn(batch_size, model.in_channels, model.input_size, model.input_size)
-        t = torch.zeros(batch_size, dtype=torch.long)
-        with FlopCounterMode(display=False) as counter:
-            model(x, t, t)
-    return counter.get_total_flops()
-
-
-def peak_tflops(device):
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    matches = [k for k in BF16_PEAK_TFLOPS if k in name]
-    return BF16_PEAK_TFLOPS[max(matches, key=len)] if matches else None
 
 
 def time_steps(train_step, x, y, lr, device, count):
@@ -869,30 +817,52 @@ def benchmark(cfg, proc):
     else:
         import resource
         mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
-    achieved = 3 * forward_flops(state.model_args, batch) / dt / 1e12  # backward ~ twice the forward
-    peak = peak_tflops(device)
+    with torch.device("meta"):  # the paper's count of the forward pass, on no memory
+        gmacs = dit.forward_gmacs(build_model(state.model_args))
+    achieved = 3 * 2 * gmacs * batch / dt / 1e3  # TFLOP/s: 2 flops a multiply-add; backward ~ twice the forward
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    known = [k for k in BF16_PEAK_TFLOPS if k in name]
+    peak = BF16_PEAK_TFLOPS[max(known, key=len)] if known else None  # the longest match: "H100 PCIe"
     mfu = f" | MFU {100 * achieved / peak:.1f}% of {peak:.0f}" if peak else ""
     print(f"benchmark | {cfg.model} {s}px | batch {batch} | attn {cfg.attn} | "
           f"{'bf16' if use_bf16(cfg, device) else 'fp32'} | compile {'on' if cfg.compile else 'off'} | "
           f"ckpt {'on' if cfg.grad_checkpointing else 'off'} | {batch / dt:.1f} img/s | "
           f"{1000 * dt:.1f} ms/step | peak mem {mem:.2f} GiB | {achieved:.2f} TFLOP/s{mfu}")
     return {"img_per_s": batch / dt, "ms_per_step": 1000 * dt, "peak_mem_gib": mem, "tflops": achieved,
-            "mfu": achieved / peak if peak else None,
-            "params": sum(p.numel() for p in state.model.parameters() if p.requires_grad)}
+            "mfu": achieved / peak if peak else None, "params": num_params(state.model)}
 
 
 # -----------------------------------------------------------------------------
-# Command line
+# Command line: an error is one line, a signal an exit status
 # -----------------------------------------------------------------------------
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+class Diverged(RuntimeError):
+    """The loss became NaN or infinite: the run stops before anything non-finite is saved."""
+
+
+class Stopped(Exception):
+    """SIGINT or SIGTERM stopped the run after it saved a checkpoint."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+# What ends a run with a one-line message: wrong flags or data, a bad checkpoint, divergence, and
+# OSError (a full disk while writing the logs, say).
+FAILURES = (ConfigError, DatasetError, CheckpointError, Diverged, OSError)
+
 
 def main(argv=None):
     """Exit status: 0 finished, 1 an error (one line, no traceback), 128 + N stopped by signal N."""
     try:
         cfg = parse_args(TrainConfig, sys.argv[1:] if argv is None else argv, TRAIN_PRESETS)
         return train(cfg)
-    except (ConfigError, DatasetError, CheckpointError, Diverged) as err:
-        raise SystemExit(f"train.py: error: {err}") from None
-    except OSError as err:  # e.g. a full disk while writing the logs
+    except FAILURES as err:
         raise SystemExit(f"train.py: error: {err}") from None
     except Stopped as stop:
         raise SystemExit(128 + stop.signum) from None
