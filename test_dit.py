@@ -840,23 +840,34 @@ def _compile_kernels_for_sm90():
     assert not fa._INTERPRET
     # One configuration from each autotune list at the largest head dim (BLOCK_D = 128):
     # big bf16 tiles as training uses them, and the fp32 forward (TF32 tensor cores) in
-    # small tiles. The preprocess kernel has no tl.dot and is not autotuned.
-    cases = [  # (kernel, dtype, block sizes, warps, stages)
-        (fa._attn_fwd_kernel, "bf16", {"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3),
-        (fa._attn_bwd_dkdv_kernel, "bf16", {"BLOCK_M": 64, "BLOCK_N": 128}, 8, 3),
-        (fa._attn_bwd_dq_kernel, "bf16", {"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3),
-        (fa._attn_bwd_preprocess_kernel, "bf16", {"BLOCK_M": 64}, 4, 1),
-        (fa._attn_fwd_kernel, "fp32", {"BLOCK_M": 64, "BLOCK_N": 32}, 4, 3),
+    # small tiles. The preprocess kernel has no tl.dot and is not autotuned. The three
+    # attention kernels again with per-sample key lengths (text conditioning).
+    cases = [  # (kernel, dtype, block sizes, warps, stages, key lengths)
+        (fa._attn_fwd_kernel, "bf16", {"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3, False),
+        (fa._attn_bwd_dkdv_kernel, "bf16", {"BLOCK_M": 64, "BLOCK_N": 128}, 8, 3, False),
+        (fa._attn_bwd_dq_kernel, "bf16", {"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3, False),
+        (fa._attn_bwd_preprocess_kernel, "bf16", {"BLOCK_M": 64}, 4, 1, False),
+        (fa._attn_fwd_kernel, "fp32", {"BLOCK_M": 64, "BLOCK_N": 32}, 4, 3, False),
+        (fa._attn_fwd_kernel, "bf16", {"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3, True),
+        (fa._attn_bwd_dkdv_kernel, "bf16", {"BLOCK_M": 64, "BLOCK_N": 128}, 8, 3, True),
+        (fa._attn_bwd_dq_kernel, "bf16", {"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3, True),
     ]
     results = []
-    for kernel, dtype, blocks, warps, stages in cases:
+    for kernel, dtype, blocks, warps, stages, lengths in cases:
         constexprs = {**blocks, "BLOCK_D": 128}
         if "DOT_PRECISION" in kernel.arg_names:
             constexprs["DOT_PRECISION"] = "tf32"
+        if "HAS_KEY_LENGTHS" in kernel.arg_names:
+            # Without lengths the launcher passes KEY_LENGTHS=None, which Triton makes a constexpr.
+            constexprs["HAS_KEY_LENGTHS"] = lengths
+            if not lengths:
+                constexprs["KEY_LENGTHS"] = None
         types = {}  # Triton's type for every argument
         for name in kernel.arg_names:
             if name in constexprs:
                 types[name] = "constexpr"
+            elif name == "KEY_LENGTHS":
+                types[name] = "*i32"
             elif name in ("LSE", "DELTA"):
                 types[name] = "*fp32"
             elif name == "sm_scale":
@@ -869,7 +880,8 @@ def _compile_kernels_for_sm90():
                         constexprs={(kernel.arg_names.index(n),): v for n, v in constexprs.items()})
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 64),
                                   options={"num_warps": warps, "num_stages": stages})
-        results.append((kernel.__name__, dtype, compiled.metadata.shared))
+        results.append((kernel.__name__ + (" with key lengths" if lengths else ""), dtype,
+                        compiled.metadata.shared))
     return results
 
 
@@ -884,7 +896,7 @@ def test_kernels_compile_for_hopper():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(results) == 5
+    assert len(results) == 8
     for name, dtype, shared in results:
         # 227 KiB is the most shared memory one thread block may use on an H100.
         assert 0 < shared <= 227 * 1024, (name, dtype, shared)
@@ -1726,3 +1738,95 @@ def test_ckpt_may_name_the_checkpoints_folder(tiny_run, tmp_path):
     a = run_sample(tiny_run[0], tmp_path / "a", "--label", "1")
     b = run_sample(tiny_run[0] / "checkpoints", tmp_path / "b", "--label", "1")
     assert torch.equal(a, b)
+
+
+# -----------------------------------------------------------------------------
+# Per-sample key lengths (issue 20, part 5: captions of different lengths in one batch)
+# -----------------------------------------------------------------------------
+
+def _masked_reference(q, k, v, do, scale, key_lengths):
+    """Output and gradients of attention in which sample b sees only its first key_lengths[b]
+    keys, in float64: the unmasked reference with the padding keys' scores set to -inf."""
+    qd, kd, vd = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    padding = torch.arange(k.shape[2], device=k.device) >= key_lengths[:, None, None, None]  # (B, 1, 1, N_kv)
+    attn = ((qd @ kd.transpose(-2, -1)) * scale).masked_fill(padding, float("-inf"))  # (B, H, N_q, N_kv)
+    o = attn.softmax(dim=-1) @ vd  # (B, H, N_q, D)
+    o.backward(do.double())
+    return o.detach(), qd.grad, kd.grad, vd.grad
+
+
+# Under the interpreter the forward and dQ kernels step through keys 32 at a time, and a dK/dV
+# program owns 64 keys. N_kv = 40 and 70 leave ragged tails for both; lengths of 1 and N_kv are
+# the extremes; 33 stops one key into the second forward block, and with 33 or 64 of 70 keys the
+# dK/dV block [64, 70) is all padding (skipped). Self-attention over a padded caption (fused qkv,
+# N_q = N_kv), then image tokens attending to short captions (fused kv, D = 72 and 64).
+KEY_LENGTH_CASES = [  # (B, H, N_q, N_kv, D, dtype, layout, key lengths)
+    (3, 2, 9, 40, 16, torch.float32, "contiguous", (1, 40, 17)),
+    (2, 2, 70, 70, 32, torch.float16, "fused_qkv", (33, 64)),
+    (3, 1, 100, 7, 72, torch.float16, "fused_kv", (7, 1, 4)),
+    (2, 2, 16, 77, 64, torch.float32, "fused_kv", (77, 20)),
+]
+
+
+@pytest.mark.parametrize("B,H,N_q,N_kv,D,dtype,layout,lengths", KEY_LENGTH_CASES,
+                         ids=[f"B{c[0]}N{c[2]}x{c[3]}D{c[4]}-{str(c[5])[6:]}-{c[6]}" for c in KEY_LENGTH_CASES])
+def test_flash_attention_with_key_lengths_matches_float64_reference(B, H, N_q, N_kv, D, dtype, layout, lengths):
+    torch.manual_seed(0)
+    leaves, (q, k, v) = _inputs(B, H, N_q, N_kv, D, dtype, layout)
+    do = torch.randn(B, N_q, H, D, device=DEVICE, dtype=dtype).transpose(1, 2)  # (B, H, N_q, D), strided
+    key_lengths = torch.tensor(lengths, device=DEVICE)
+    ref = _masked_reference(q, k, v, do, D ** -0.5, key_lengths)
+
+    o = flash_attention(q, k, v, key_lengths=key_lengths)
+    o.backward(do)
+    got = (o, *_leaf_grads(leaves, layout))
+
+    tol = _tolerance(dtype)
+    for name, g, r in zip(("o", "dq", "dk", "dv"), got, ref):
+        assert torch.isfinite(g).all(), name
+        err = _rel_err(g, r)
+        assert err < tol, f"{name}: relative error {err:.2e} >= {tol:.0e}"
+    for b, n in enumerate(lengths):  # padding keys: no gradient at all, not merely a small one
+        assert not got[2][b, :, n:].any() and not got[3][b, :, n:].any(), f"sample {b}"
+
+
+# The interpreter's numpy warns where exp2 overflows for the (zero-filled) padding keys in the
+# dK/dV kernel; those entries of P are replaced by 0 right after.
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("scores", ["ordinary", "very negative"])
+def test_keys_past_the_lengths_are_never_read(scores):
+    """Filling the padding keys and values with NaN and inf changes no bit of the output or of
+    any gradient. With every real score very negative (about -24, as in the test of the ragged
+    tail above), a padding key left in the backward would get P = exp(24): inf in fp16."""
+    torch.manual_seed(0)
+    B, H, N_q, N_kv, D = 2, 2, 20, 50, 16
+    key_lengths = torch.tensor([13, 37], device=DEVICE)
+    q = torch.randn(B, H, N_q, D, device=DEVICE)
+    k = torch.randn(B, H, N_kv, D, device=DEVICE)
+    if scores == "very negative":
+        q, k = -6 + 0.1 * q, 1 + 0.1 * k
+    q, k = q.half(), k.half()
+    v = torch.randn(B, H, N_kv, D, device=DEVICE, dtype=torch.float16)
+    do = torch.randn(B, H, N_q, D, device=DEVICE, dtype=torch.float16)
+    padding = torch.arange(N_kv, device=DEVICE) >= key_lengths[:, None]  # (B, N_kv)
+
+    results = []
+    for fill in (None, float("nan")):
+        kp, vp = k.clone(), v.clone()
+        if fill is not None:
+            kp.masked_fill_(padding[:, None, :, None], fill)
+            vp.masked_fill_(padding[:, None, :, None], float("inf"))
+        kp.requires_grad_(True)
+        vp.requires_grad_(True)
+        qp = q.clone().requires_grad_(True)
+        o = flash_attention(qp, kp, vp, key_lengths=key_lengths)
+        results.append((o, *torch.autograd.grad(o, (qp, kp, vp), do)))
+
+    ref = _masked_reference(q, k, v, do, D ** -0.5, key_lengths)
+    for name, clean, poisoned, r in zip(("o", "dq", "dk", "dv"), *results, ref):
+        assert torch.isfinite(poisoned).all(), name
+        assert torch.equal(clean, poisoned), name
+        assert _rel_err(clean, r) < _tolerance(torch.float16), name
+    for grad in results[1][2:]:  # dk, dv
+        assert not grad[padding[:, None, :, None].expand_as(grad)].any()
+
