@@ -1830,3 +1830,115 @@ def test_keys_past_the_lengths_are_never_read(scores):
     for grad in results[1][2:]:  # dk, dv
         assert not grad[padding[:, None, :, None].expand_as(grad)].any()
 
+
+def _bad_key_lengths():
+    """(lengths, error) pairs for 2 samples attending to 6 keys."""
+    return [
+        (torch.tensor([3]), r"shape \(B,\) = \(2,\), one length per sample; got \(1,\)"),
+        (torch.tensor([[3, 3]]), r"shape \(B,\) = \(2,\)"),
+        (torch.tensor([3.0, 2.0]), "must be an integer tensor, not torch.float32"),
+        (torch.tensor([True, True]), "must be an integer tensor, not torch.bool"),
+        ([3, 2], "must be an integer tensor, not list"),
+        (torch.tensor([0, 6]), r"in \[1, \w+\] = \[1, 6\]; got values in \[0, 6\] \(a length of 0 masks "
+                               r"every key: that softmax row is 0 / 0 = NaN\)"),
+        (torch.tensor([3, 7]), r"in \[1, \w+\] = \[1, 6\]; got values in \[3, 7\]"),
+    ]
+
+
+def test_key_lengths_are_checked_by_the_kernel_and_every_backend():
+    q = torch.randn(2, 2, 5, 16, device=DEVICE)
+    kv = torch.randn(2, 2, 6, 16, device=DEVICE)
+    for lengths, message in _bad_key_lengths():
+        lengths = lengths.to(DEVICE) if isinstance(lengths, torch.Tensor) else lengths
+        with pytest.raises(ValueError, match=message):
+            flash_attention(q, kv, kv, key_lengths=lengths)
+        for backend in dit.ATTENTION_BACKENDS:
+            with pytest.raises(ValueError, match=message):
+                dit.attention(q, kv, kv, backend, key_lengths=lengths)
+    # Any integer dtype is accepted, and the extremes 1 and N_kv are valid lengths.
+    for dtype in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        lengths = torch.tensor([1, 6], device=DEVICE, dtype=dtype)
+        torch.testing.assert_close(flash_attention(q, kv, kv, key_lengths=lengths),
+                                   dit.attention(q, kv, kv, "math", key_lengths=lengths), atol=1e-5, rtol=1e-4)
+
+
+def _multihead_like(ours, qkv_weights, qkv_biases):
+    """nn.MultiheadAttention with our layer's weights (q;k;v stacked as PyTorch stacks them)."""
+    ref = nn.MultiheadAttention(ours.proj.in_features, ours.num_heads, batch_first=True).to(DEVICE)
+    with torch.no_grad():
+        ref.in_proj_weight.copy_(torch.cat(qkv_weights))
+        ref.in_proj_bias.copy_(torch.cat(qkv_biases))
+        ref.out_proj.weight.copy_(ours.proj.weight)
+        ref.out_proj.bias.copy_(ours.proj.bias)
+    return ref
+
+
+@pytest.mark.parametrize("backend", ["math", "sdpa", "triton"])
+def test_key_lengths_match_multihead_attention_with_key_padding_mask(backend):
+    """Self-attention over padded captions and image tokens attending to them, against PyTorch's
+    own key_padding_mask (True = ignore), forward and backward: inputs and weights."""
+    torch.manual_seed(0)
+    self_attn = dit.Attention(32, 4, backend=backend).to(DEVICE)
+    cross_attn = dit.CrossAttention(32, 4, backend=backend).to(DEVICE)
+    self_ref = _multihead_like(self_attn, [self_attn.qkv.weight], [self_attn.qkv.bias])
+    cross_ref = _multihead_like(cross_attn, [cross_attn.q.weight, cross_attn.kv.weight],
+                                [cross_attn.q.bias, cross_attn.kv.bias])
+    x = torch.randn(3, 10, 32, device=DEVICE, requires_grad=True)
+    caption = torch.randn(3, 7, 32, device=DEVICE, requires_grad=True)
+    key_lengths = torch.tensor([7, 1, 4], device=DEVICE)
+    ignore = torch.arange(7, device=DEVICE) >= key_lengths[:, None]  # (B, M), True = padding
+
+    cases = {  # name: (ours, PyTorch's, inputs, our in-projection weights, our layer, PyTorch's layer)
+        "self": (lambda lengths: self_attn(caption, key_lengths=lengths),
+                 lambda: self_ref(caption, caption, caption, key_padding_mask=ignore, need_weights=False)[0],
+                 (caption,), [self_attn.qkv.weight], self_attn, self_ref),
+        "cross": (lambda lengths: cross_attn(x, caption, key_lengths=lengths),
+                  lambda: cross_ref(x, caption, caption, key_padding_mask=ignore, need_weights=False)[0],
+                  (x, caption), [cross_attn.q.weight, cross_attn.kv.weight], cross_attn, cross_ref),
+    }
+    for name, (ours, theirs, inputs, in_weights, layer, ref) in cases.items():
+        out, expected = ours(key_lengths), theirs()
+        assert (out - ours(None)).abs().max() > 1e-2, name  # the padding does matter here
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4, msg=name)
+        grad_out = torch.randn_like(out)
+        got = torch.autograd.grad(out, (*inputs, *in_weights, layer.proj.weight), grad_out)
+        want = torch.autograd.grad(expected, (*inputs, ref.in_proj_weight, ref.out_proj.weight), grad_out)
+        n = len(inputs)
+        got = (*got[:n], torch.cat(got[n:-1]), got[-1])  # our q;k;v weights stacked as PyTorch's
+        for what, g, w in zip(("input",) * n + ("in-projection", "out-projection"), got, want):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4, msg=f"{name}: {what} gradient")
+
+
+def test_auto_tries_the_key_length_kernel_apart_and_falls_back_to_masked_sdpa(pretend_gpu, monkeypatch):
+    """With key lengths the kernel is another compiled kernel: "auto" tries it on its own, and
+    when it fails, SDPA with the mask takes over those calls, while the same shape without
+    lengths keeps the kernel. A bad length is the caller's error: raised, not taken for a
+    kernel failure."""
+    calls = []
+
+    def kernel(q, k, v, key_lengths=None):
+        calls.append(key_lengths)
+        if key_lengths is not None:
+            raise RuntimeError("out of resources: the key-length variant")
+        return torch.zeros_like(q)  # a marker: not what SDPA computes
+    monkeypatch.setattr(flash_attn_triton, "flash_attention", kernel)
+    q, k, v = (torch.randn(2, 2, 5, 16) for _ in range(3))
+
+    with pytest.raises(ValueError, match="a length of 0 masks every key"):
+        dit.attention(q, k, v, "auto", key_lengths=torch.tensor([0, 5]))
+    assert calls == []
+    for attempt, lengths in enumerate(([2, 5], [5, 1], [3, 3])):
+        lengths = torch.tensor(lengths)
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            out = dit.attention(q, k, v, "auto", key_lengths=lengths)
+        expected = dit.attention(q, k, v, "math", key_lengths=lengths)
+        torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+        messages = [str(w.message) for w in record if "attention 'auto'" in str(w.message)]
+        if attempt == 0:  # tried once, with these lengths, and the failure said so
+            assert len(calls) == 1 and torch.equal(calls[0], lengths)
+            assert len(messages) == 1 and "(2, 2, 5, 16) with key lengths" in messages[0], messages
+        else:  # remembered: not tried again, not warned about again
+            assert messages == [] and all(c is None for c in calls[1:])
+        assert torch.equal(dit.attention(q, k, v, "auto"), torch.zeros_like(q))  # no lengths: the kernel
+    assert [c is None for c in calls] == [False] + [True] * 4  # the plain trial, then 3 plain calls
