@@ -103,7 +103,7 @@ def generate(model, diffusion, labels, cfg, device, snapshots=0):
         index = range(start, min(start + cfg.batch_size, len(y_all)))
         noise = torch.stack([initial_noise(cfg.seed, i, shape) for i in index]).to(device)    # x_T
         gen = torch.Generator(device).manual_seed(seed_for(cfg.seed, "steps", start))
-        model_fn = dit.guided_model_fn(model, y_all[start:index.stop].to(device), cfg.cfg_scale)
+        model_fn = dit.guided_model_fn(model, y_all[start:index.stop].to(device), cfg.cfg_scale, cfg.cfg_interval)
         steps = diffusion.denoise_steps(model_fn, noise, steps=cfg.steps, sampler=cfg.sampler, eta=cfg.eta,
                                         generator=gen)
         mine = [i - start for i in firsts if i in index]  # this batch's first images of a label

@@ -1726,3 +1726,100 @@ def test_ckpt_may_name_the_checkpoints_folder(tiny_run, tmp_path):
     a = run_sample(tiny_run[0], tmp_path / "a", "--label", "1")
     b = run_sample(tiny_run[0] / "checkpoints", tmp_path / "b", "--label", "1")
     assert torch.equal(a, b)
+
+
+# -----------------------------------------------------------------------------
+# Issue 19: spread of the samples (guidance interval, evaluate.py's distribution figures)
+# -----------------------------------------------------------------------------
+
+sys.path.insert(0, str(Path(__file__).parent / "assets"))
+import evaluate  # noqa: E402  (assets/evaluate.py)
+
+
+def test_guidance_interval_mixes_inside_and_skips_the_null_pass_outside():
+    torch.manual_seed(0)
+    model = randomize(tiny_model(learn_sigma=True)).eval()
+    x, y = torch.randn(2, 3, 8, 8), torch.tensor([1, 3])
+    rows = []
+    model.register_forward_hook(lambda module, args, out: rows.append(len(args[0])))
+    guided = dit.guided_model_fn(model, y, 4.0, interval=(100, 600))
+    for step in (99, 100, 599, 600):
+        t = torch.full((2,), step)
+        rows.clear()
+        out = guided(x, t)
+        cond, uncond = model(x, t, y), model(x, t, torch.full_like(y, model.num_classes))
+        if 100 <= step < 600:
+            assert rows[0] == 4  # one pass for [y; null]
+            torch.testing.assert_close(out[:, :3], uncond[:, :3] + 4 * (cond[:, :3] - uncond[:, :3]),
+                                       atol=1e-5, rtol=0)
+        else:
+            assert rows[0] == 2  # the conditional pass alone: the null label is never evaluated
+            assert torch.equal(out, cond)
+    # A batch straddling the edge mixes only its rows inside.
+    t = torch.tensor([599, 600])
+    out = guided(x, t)
+    full = dit.guided_model_fn(model, y, 4.0)(x, t)
+    torch.testing.assert_close(out[0], full[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(out[1], model(x, t, y)[1], atol=1e-6, rtol=0)
+    assert (full[1] - out[1]).abs().max() > 1e-3
+
+
+def test_cfg_interval_flag_is_validated():
+    assert parse_args(SampleConfig, ["--cfg-interval", "100", "600"]).cfg_interval == (100, 600)
+    with pytest.raises(ConfigError, match=r"--cfg-interval: expected LO < HI, got 600 100"):
+        parse_args(SampleConfig, ["--cfg-interval", "600", "100"])
+    with pytest.raises(ConfigError, match=r"--cfg-interval: expected a number in \[0, 1000\], got '-5'"):
+        parse_args(SampleConfig, ["--cfg-interval", "-5", "100"])
+    with pytest.raises(ConfigError, match="--cfg-interval: expected 2 arguments"):
+        parse_args(SampleConfig, ["--cfg-interval", "100"])
+
+
+def test_frechet_distance_matches_the_closed_form_for_diagonal_gaussians():
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(4000, 5, generator=gen, dtype=torch.float64)
+    assert abs(evaluate.frechet_distance(a, a)) < 1e-9
+    # A shift moves only the mean term: FD = |c|^2 exactly, whatever the covariance.
+    c = torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0], dtype=torch.float64)
+    assert evaluate.frechet_distance(a, a + c) == pytest.approx(c.square().sum().item(), abs=1e-8)
+    # Diagonal covariances: Tr(Sa + Sb - 2 (Sa Sb)^1/2) = sum (sd_a - sd_b)^2; a scale of each
+    # coordinate keeps the samples' correlations, so the closed form holds for the sample covariance.
+    s = torch.tensor([1.0, 2.0, 0.5, 3.0, 1.0], dtype=torch.float64)
+    sd = a.std(0)
+    expected = ((sd - s * sd) ** 2).sum().item()
+    assert evaluate.frechet_distance(a, a * s) == pytest.approx(expected, rel=1e-3)
+
+
+def test_palette_colours_finds_each_drawn_colour():
+    import random
+    from torchvision.transforms.functional import pil_to_tensor
+    images, truth = [], []
+    for i in range(24):
+        rng = random.Random(i)
+        state = rng.getstate()
+        colour = rng.choice(dataset.PALETTE)  # draw_shape's first draw is the foreground colour
+        rng.setstate(state)
+        image = dataset.draw_shape(dataset.SHAPES[i % 8], 32, rng)
+        images.append(pil_to_tensor(image).float() / 255)
+        truth.append(dataset.PALETTE.index(colour))
+    found = evaluate.palette_colours(torch.stack(images))
+    assert found.tolist() == truth
+    hist = evaluate.colour_histogram(torch.stack(images))
+    assert hist.sum().item() == pytest.approx(1.0) and len(hist) == len(dataset.PALETTE)
+    assert evaluate.total_variation(hist, hist) == 0
+    assert evaluate.total_variation(torch.tensor([1.0, 0]), torch.tensor([0, 1.0])) == 1
+
+
+def test_real_reference_sets_are_disjoint_balanced_and_held_out_first(tmp_path):
+    for c in range(2):
+        (tmp_path / f"c{c}").mkdir()
+        for i in range(20):
+            Image.new("RGB", (4, 4), (10 * i, 100 * c, 0)).save(tmp_path / f"c{c}" / f"{i}.png")
+    data = ImageFolder(tmp_path, 4)
+    a, b, borrowed = evaluate.real_reference(data, 3)
+    assert a.shape == b.shape == (6, 3, 4, 4)
+    keys = lambda s: {tuple(x.flatten().tolist()) for x in s}  # noqa: E731  (every image differs)
+    assert not keys(a) & keys(b)
+    held, _ = evaluate.split(len(data))
+    assert borrowed == sum(max(0, 6 - sum(data.labels[i] == c for i in held.tolist())) for c in range(2))
+    with pytest.raises(ValueError, match="has 20 images; the real reference needs 22"):
+        evaluate.real_reference(data, 11)
