@@ -1823,3 +1823,116 @@ def test_real_reference_sets_are_disjoint_balanced_and_held_out_first(tmp_path):
     assert borrowed == sum(max(0, 6 - sum(data.labels[i] == c for i in held.tolist())) for c in range(2))
     with pytest.raises(ValueError, match="has 20 images; the real reference needs 22"):
         evaluate.real_reference(data, 11)
+
+
+def test_posterior_keeps_float64_digits_at_small_t():
+    """The variational term against float64 closed forms (posterior coefficients written with
+    beta_t directly, as in DDPM): float32 cancellation in 1 - abar_t / abar_prev was 7.5e-4 off."""
+    torch.manual_seed(0)
+    diffusion = dit.GaussianDiffusion(schedule="linear", prediction="eps", learn_sigma=True)
+    betas = dit.make_betas("linear", 1000).double()
+    abar = torch.cumprod(1 - betas, 0)
+    abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+    x0 = torch.rand(3, 3, 4, 4) * 2 - 1
+    noise, pred, var_out = torch.randn(3, 3, 4, 4), torch.randn(3, 3, 4, 4), torch.rand(3, 3, 4, 4) * 2 - 1
+    t = torch.tensor([0, 1, 10])
+    x_t = diffusion.q_sample(x0, t, noise)
+    got = diffusion.vb_term(pred, var_out, x0, x_t, t)
+
+    def posterior(x_start):
+        b, ab, abp = (v[t].view(-1, 1, 1, 1) for v in (betas, abar, abar_prev))
+        mean = b * abp.sqrt() / (1 - ab) * x_start + (1 - abp) * (1 - b).sqrt() / (1 - ab) * x_t.double()
+        return mean, b * (1 - abp) / (1 - ab)
+
+    true_mean, true_var = posterior(x0.double())
+    true_log_var = torch.log(torch.where(t.view(-1, 1, 1, 1) == 0, posterior(x0.double())[1][1:2].new_tensor(
+        (betas[1] * (1 - abar[0]) / (1 - abar[1])).item()), true_var))
+    ab = abar[t].view(-1, 1, 1, 1)
+    model_x0 = (x_t.double() - (1 - ab).sqrt() * pred.double()) / ab.sqrt()
+    model_mean, _ = posterior(model_x0)
+    frac = (var_out.double() + 1) / 2
+    model_log_var = frac * betas[t].view(-1, 1, 1, 1).log() + (1 - frac) * true_log_var
+    kl = dit.mean_flat(dit.normal_kl(true_mean, true_log_var, model_mean, model_log_var)) / math.log(2)
+    nll = -dit.mean_flat(dit.discretized_gaussian_log_likelihood(x0.double(), model_mean, 0.5 * model_log_var))
+    expected = torch.where(t == 0, nll / math.log(2), kl)
+    # float32 images leave ~8e-5 (the means' difference over a tiny variance); the float32
+    # schedule left 7e-4 at t = 1 and 5e-4 at t = 10.
+    torch.testing.assert_close(got.double(), expected, rtol=2e-4, atol=0)
+
+
+# --- flow matching -----------------------------------------------------------
+
+def test_flow_interpolates_and_regresses_the_velocity():
+    torch.manual_seed(0)
+    x0, noise = torch.rand(4, 3, 8, 8) * 2 - 1, torch.randn(4, 3, 8, 8)
+    t = torch.tensor([0.1, 0.3, 0.6, 0.95])
+    seen = {}
+
+    def oracle(prediction):
+        def model(x_t, t_model, y):
+            seen.update(x_t=x_t, t=t_model)
+            return (noise - x0) if prediction == "v" else x0
+        return model
+
+    for prediction in ("v", "x0"):
+        flow = dit.RectifiedFlow(prediction=prediction)
+        losses = flow.training_losses(oracle(prediction), x0, t, None, noise=noise)
+        t4 = t.view(-1, 1, 1, 1)
+        torch.testing.assert_close(seen["x_t"], (1 - t4) * x0 + t4 * noise)
+        torch.testing.assert_close(seen["t"], t * 1000)       # the DDPM's time scale
+        assert losses["loss"].abs().max() < 1e-8              # the exact answer costs nothing
+    # Any other prediction pays the squared velocity error; x0 is turned into (x_t - x0_pred) / t.
+    wrong = torch.randn(4, 3, 8, 8)
+    flow = dit.RectifiedFlow(prediction="x0")
+    got = flow.training_losses(lambda x_t, tm, y: wrong, x0, t, None, noise=noise)["loss"]
+    x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
+    v = (x_t - wrong) / t.view(-1, 1, 1, 1)
+    torch.testing.assert_close(got, ((noise - x0 - v) ** 2).mean((1, 2, 3)))
+
+
+@pytest.mark.parametrize("prediction", ["v", "x0"])
+@pytest.mark.parametrize("sampler", ["euler", "heun"])
+def test_flow_samplers_return_the_image_an_oracle_knows(prediction, sampler):
+    """For data that is one image x*, the exact velocity is (x - x*) / t and x0-prediction is x*:
+    both samplers land on x* from any noise (the straight path is followed exactly)."""
+    torch.manual_seed(0)
+    target, noise = torch.rand(2, 3, 8, 8) * 2 - 1, torch.randn(2, 3, 8, 8)
+    flow = dit.RectifiedFlow(prediction=prediction, noise_shift=2.0)
+    model_fn = lambda x, tm: (x - target) / (tm / 1000).view(-1, 1, 1, 1) if prediction == "v" else target  # noqa: E731
+    out = flow.sample(model_fn, noise, steps=7, sampler=sampler)
+    torch.testing.assert_close(out, target, atol=1e-5, rtol=0)
+
+
+def test_flow_euler_and_heun_steps_are_the_textbook_ones():
+    """On dx/dt = a x (a linear velocity), Euler multiplies by (1 + a dt) and Heun by
+    (1 + a dt + (a dt)^2 / 2) each step; the last Heun step, to t = 0, is Euler."""
+    a, x = 0.7, torch.ones(1, 1, 2, 2)
+    flow = dit.RectifiedFlow(prediction="v")
+    times = flow.sample_times(4)
+    assert times[0] == 1 and times[-1] == 0
+    for sampler in ("euler", "heun"):
+        out = flow.sample(lambda x, tm: a * x, x, steps=4, sampler=sampler, clip_denoised=False)
+        expected = 1.0
+        for t, t_next in zip(times[:-1], times[1:]):
+            h = a * (t_next - t)
+            expected *= 1 + h + (h * h / 2 if sampler == "heun" and t_next > 0 else 0)
+        torch.testing.assert_close(out, torch.full_like(x, expected), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="unknown flow sampler 'ddim'; choose 'euler' or 'heun'"):
+        flow.sample(lambda x, tm: x, x, sampler="ddim")
+
+
+def test_flow_shift_divides_the_snr_and_t_is_logit_normal():
+    flow = dit.RectifiedFlow(noise_shift=2.0)
+    t = torch.linspace(0.05, 0.95, 19, dtype=torch.float64)
+    snr = lambda t: ((1 - t) / t) ** 2  # noqa: E731
+    torch.testing.assert_close(snr(flow.shift(t)), snr(t) / 4)
+    torch.manual_seed(0)
+    drawn = dit.RectifiedFlow().draw_timesteps(20000, "cpu")
+    logit = torch.log(drawn / (1 - drawn))
+    assert abs(logit.mean().item()) < 0.03 and abs(logit.std().item() - 1) < 0.03
+    assert isinstance(dit.make_diffusion(), dit.GaussianDiffusion)
+    assert dit.make_diffusion(objective="flow", prediction="x0", noise_shift=2.0).prediction == "x0"
+    with pytest.raises(ValueError, match="unknown objective 'edm'"):
+        dit.make_diffusion(objective="edm")
+    with pytest.raises(ValueError, match="flow matching predicts 'v' or 'x0', not 'eps'"):
+        dit.RectifiedFlow(prediction="eps")
