@@ -532,6 +532,13 @@ def mean_flat(x):
     return x.mean(dim=tuple(range(1, x.ndim)))
 
 
+def distance(name):
+    """The per-sample loss (N,) between target and prediction: mean squared or mean absolute error."""
+    if name not in ("l2", "l1"):
+        raise ValueError(f"unknown loss {name!r}; choose 'l2' or 'l1'")
+    return lambda target, pred: mean_flat((target - pred).abs() if name == "l1" else (target - pred) ** 2)
+
+
 def normal_kl(mean1, logvar1, mean2, logvar2):
     """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats."""
     return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
@@ -569,14 +576,17 @@ class GaussianDiffusion:
         and the posterior variance (Improved DDPM), trained by the variational bound.
     loss_weighting: "uniform" (the paper) or "min_snr" (Hang et al. 2023: weights each timestep by
         min(SNR, gamma) relative to its plain loss, so easy low-noise steps stop dominating).
+    loss: the elementwise distance between prediction and target, "l2" (DDPM) or "l1" (which
+        some small-DiT projects prefer); the variational term (learn_sigma) is the same either way.
     """
 
     def __init__(self, num_timesteps=1000, schedule="linear", prediction="eps",
-                 learn_sigma=True, loss_weighting="uniform", min_snr_gamma=5.0, noise_shift=1.0):
+                 learn_sigma=True, loss_weighting="uniform", min_snr_gamma=5.0, noise_shift=1.0, loss="l2"):
         if prediction not in ("eps", "v", "x0"):
             raise ValueError(f"unknown prediction target {prediction!r}; choose 'eps', 'v' or 'x0'")
         if loss_weighting not in ("uniform", "min_snr"):
             raise ValueError(f"unknown loss weighting {loss_weighting!r}; choose 'uniform' or 'min_snr'")
+        self.loss = distance(loss)
         self.num_timesteps = num_timesteps
         self.prediction = prediction
         self.learn_sigma = learn_sigma
@@ -661,6 +671,7 @@ class GaussianDiffusion:
         abar = self._at(self.alphas_cumprod, t)
         target = {"eps": noise, "x0": x0, "v": abar.sqrt() * noise - (1 - abar).sqrt() * x0}[self.prediction]
         mse = mean_flat((target - pred.float()) ** 2)           # (N,)
+        error = self.loss(target, pred.float())                 # (N,) mse for l2
         weight = torch.ones_like(mse)
         if self.loss_weighting == "min_snr":
             snr = (abar / (1 - abar)).flatten()
@@ -668,7 +679,7 @@ class GaussianDiffusion:
             # reweighted to min(SNR, gamma) * MSE on x_0.
             per_x0_mse = {"eps": snr, "v": snr + 1, "x0": torch.ones_like(snr)}[self.prediction]
             weight = snr.clamp(max=self.min_snr_gamma) / per_x0_mse
-        losses = {"mse": mse, "loss": weight * mse}
+        losses = {"mse": mse, "loss": weight * error}
         if self.learn_sigma:
             # The variational-bound term trains only the variance: the mean is detached, so
             # the simple MSE keeps full control over it (Improved DDPM, Sec. 3.1, "L_hybrid").
@@ -770,7 +781,8 @@ class RectifiedFlow:
     num_timesteps = 1000  # the network's time scale; sampling may use any number of steps
     learn_sigma = False
 
-    def __init__(self, prediction="v", noise_shift=1.0, min_t=0.05):
+    def __init__(self, prediction="v", noise_shift=1.0, loss="l2", min_t=0.05):
+        self.loss = distance(loss)
         if prediction not in ("v", "x0"):
             raise ValueError(f"flow matching predicts 'v' or 'x0', not {prediction!r}")
         if not noise_shift > 0:
@@ -796,13 +808,13 @@ class RectifiedFlow:
         return (x_t - pred) / t
 
     def training_losses(self, model, x0, t, y, noise=None):
-        """Per-sample losses {'loss', 'mse'} (N,): the squared error of the velocity."""
+        """Per-sample losses {'loss', 'mse'} (N,): the error of the velocity (squared for l2)."""
         noise = torch.randn_like(x0) if noise is None else noise
         t4 = t.view(-1, 1, 1, 1)
         x_t = (1 - t4) * x0 + t4 * noise                                 # (N, C, H, W)
         v = self.velocity(model(x_t, t * self.num_timesteps, y).float(), x_t, t)
-        mse = mean_flat((noise - x0 - v) ** 2)                           # (N,)
-        return {"loss": mse, "mse": mse}
+        target = noise - x0                                              # dx_t / dt
+        return {"loss": self.loss(target, v), "mse": mean_flat((target - v) ** 2)}
 
     def sample_times(self, steps):
         """steps + 1 times from 1 (noise) down to 0, evenly spaced before the shift."""
@@ -846,7 +858,8 @@ def make_diffusion(objective="ddpm", **args):
     """The process a checkpoint's diffusion_args describe: GaussianDiffusion (DDPM, the paper's)
     or RectifiedFlow; runs saved before flow matching existed carry no objective and are DDPM."""
     if objective == "flow":
-        return RectifiedFlow(prediction=args.get("prediction", "v"), noise_shift=args.get("noise_shift", 1.0))
+        return RectifiedFlow(prediction=args.get("prediction", "v"), noise_shift=args.get("noise_shift", 1.0),
+                             loss=args.get("loss", "l2"))
     if objective != "ddpm":
         raise ValueError(f"unknown objective {objective!r}; choose 'ddpm' or 'flow'")
     return GaussianDiffusion(**args)

@@ -1936,3 +1936,72 @@ def test_flow_shift_divides_the_snr_and_t_is_logit_normal():
         dit.make_diffusion(objective="edm")
     with pytest.raises(ValueError, match="flow matching predicts 'v' or 'x0', not 'eps'"):
         dit.RectifiedFlow(prediction="eps")
+
+
+# -----------------------------------------------------------------------------
+# Issue 22: small things users ask for
+# -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("objective", ["ddpm", "flow"])
+def test_l1_loss_is_the_mean_absolute_error_and_leaves_the_vb_term_alone(objective):
+    torch.manual_seed(0)
+    x0, noise = torch.rand(3, 3, 8, 8) * 2 - 1, torch.randn(3, 3, 8, 8)
+    out = torch.randn(3, 6 if objective == "ddpm" else 3, 8, 8)
+    t = torch.tensor([0, 10, 500]) if objective == "ddpm" else torch.tensor([0.2, 0.5, 0.9])
+    args = dict(prediction="eps", learn_sigma=True, schedule="linear") if objective == "ddpm" else {}
+    l2 = dit.make_diffusion(objective=objective, **args).training_losses(lambda *a: out, x0, t, None, noise=noise)
+    l1 = dit.make_diffusion(objective=objective, loss="l1", **args).training_losses(lambda *a: out, x0, t, None,
+                                                                                    noise=noise)
+    target = noise if objective == "ddpm" else noise - x0
+    err = target - out[:, :3]
+    torch.testing.assert_close(l1["mse"], l2["mse"])  # the logged mse stays the mse
+    torch.testing.assert_close(l2["loss"] - l2.get("vb", 0), err.square().mean((1, 2, 3)))
+    torch.testing.assert_close(l1["loss"] - l1.get("vb", 0), err.abs().mean((1, 2, 3)))
+    if objective == "ddpm":
+        torch.testing.assert_close(l1["vb"], l2["vb"])
+    with pytest.raises(ValueError, match="unknown loss 'l3'; choose 'l2' or 'l1'"):
+        dit.make_diffusion(objective=objective, loss="l3")
+
+
+def test_prepare_cifar10_writes_class_folders_from_the_official_format(tmp_path, capsys):
+    import pickle
+    import numpy as np
+    import prepare_cifar10
+    source = tmp_path / "cifar-10-batches-py"
+    source.mkdir()
+    names = [b"airplane", b"automobile", b"bird"]
+    with open(source / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": names, b"num_vis": 3072}, f, protocol=2)
+    rng = np.random.default_rng(0)
+    batches = []
+    for file in [f"data_batch_{i}" for i in range(1, 6)]:
+        batch = {b"data": rng.integers(0, 256, (2, 3072), dtype=np.uint8), b"labels": rng.integers(0, 3, 2).tolist()}
+        batches.append(batch)
+        with open(source / file, "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+    out = tmp_path / "cifar"
+    prepare_cifar10.main([str(out), "--from", str(source)])
+    written = sorted(out.glob("*/*.png"))
+    assert len(written) == 10 and {p.parent.name for p in written} <= {n.decode() for n in names}
+    # Image 3 is the second image of data_batch_2: channel-major rows of 1024 values, R then G then B.
+    third = batches[1]
+    path = out / names[third[b"labels"][1]].decode() / "train_00003.png"
+    expected = third[b"data"][1].reshape(3, 32, 32).transpose(1, 2, 0)
+    assert np.array_equal(np.asarray(Image.open(path)), expected)
+    assert ImageFolder(out, 32).classes == sorted({p.parent.name for p in written})  # train.py can read it
+
+    # A tampered batch is refused without running anything, and nothing is written.
+    class Evil:
+        def __reduce__(self):
+            return (shutil.rmtree, (str(tmp_path / "victim"),))
+    (tmp_path / "victim").mkdir()
+    with open(source / "data_batch_3", "wb") as f:
+        pickle.dump({b"data": Evil()}, f, protocol=2)
+    with pytest.raises(SystemExit, match=r"data_batch_3 is not a CIFAR-10 batch \(it asks to load shutil.rmtree"):
+        prepare_cifar10.main([str(tmp_path / "again"), "--from", str(source)])
+    assert (tmp_path / "victim").is_dir() and not (tmp_path / "again").exists()
+    with pytest.raises(SystemExit) as stop:
+        prepare_cifar10.main([str(out), "--from", str(source)])
+    assert stop.value.code == 2 and "already exists and is not empty" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="cannot read .*nowhere/batches.meta"):
+        prepare_cifar10.main([str(tmp_path / "third"), "--from", str(tmp_path / "nowhere")])
