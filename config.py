@@ -114,6 +114,8 @@ class SampleConfig:
     batch_size: int = option(256, "images denoised at once (with DDIM at eta 0 the images do not depend on it)",
                              at_least=1)
     cfg_scale: float = option(3.0, "classifier-free guidance scale (1: no guidance)", at_least=0)
+    cfg_interval: tuple = option((0.0, 1000.0), "guide only at timesteps LO <= t < HI of the trained 1000 "
+                                 "(elsewhere the class alone, one pass: faster)", at_least=0, at_most=1000)
     sampler: str = option("ddim", "reverse process", ("ddim", "ddpm"))
     steps: int = option(50, "denoising steps (respaced from the trained 1000)", at_least=1)
     eta: float = option(0.0, "DDIM noise: 0 deterministic, 1 matches DDPM", at_least=0, at_most=1)
@@ -198,11 +200,13 @@ def build_parser(cls, prog=None):
             kwargs.update(action=argparse.BooleanOptionalAction)
         elif f.type is list:
             kwargs.update(nargs="+", metavar="VALUE")
+        elif f.type is tuple:  # an interval LO HI
+            kwargs.update(nargs=2, type=converter(f), metavar=("LO", "HI"))
         elif f.type in (int, float):
             kwargs.update(type=converter(f), metavar=f.type.__name__.upper())
         else:
             kwargs.update(choices=f.metadata["choices"], metavar=None if f.metadata["choices"] else "TEXT")
-        numeric = f.type in (int, float) and describe_range(f) not in ("an integer", "a number")
+        numeric = f.type in (int, float, tuple) and describe_range(f) not in ("an integer", "a number")
         extra = f"; {describe_range(f)}" if numeric else ""
         default = "auto" if f.default is None and f.type is int else f.default
         parser.add_argument(flag(f.name), help=f"{f.metadata['help']} (default: {default!r}{extra})", **kwargs)
@@ -226,6 +230,11 @@ def parse_args(cls, argv, presets=None):
     if rest:
         raise ConfigError(unknown_option(rest[0], cls))
     values = vars(values)
+    for name in {f.name for f in dataclasses.fields(cls) if f.type is tuple} & values.keys():
+        lo, hi = values[name]
+        if not lo < hi:
+            raise ConfigError(f"argument {flag(name)}: expected LO < HI, got {lo:g} {hi:g}")
+        values[name] = (lo, hi)
     base = cls()
     if presets is not None:
         base = dataclasses.replace(base, **presets[values.get("preset", base.preset)])

@@ -32,7 +32,7 @@ def load_model(ckpt, device):
     state = load_checkpoint(ckpt)
     model = build_model(state["model_args"])
     model.load_state_dict(state["ema"])
-    diffusion = dit.GaussianDiffusion(**state["diffusion_args"])
+    diffusion = dit.make_diffusion(**state["diffusion_args"])
     return model.to(device).eval(), diffusion, state["classes"]
 
 
@@ -67,7 +67,8 @@ def generate(model, diffusion, labels, cfg, device, snapshots=0):
     for start in range(0, len(y_all), cfg.batch_size):
         y, j = y_all[start:start + cfg.batch_size].to(device), j_all[start:start + cfg.batch_size]
         firsts = [i for i, k in enumerate(j) if k == 0]  # this batch's first images of a label
-        steps = dit.draw(model, diffusion, y, j, cfg.seed, cfg.steps, cfg.cfg_scale, cfg.sampler, cfg.eta)
+        steps = dit.draw(model, diffusion, y, j, cfg.seed, cfg.steps, cfg.cfg_scale, cfg.sampler, cfg.eta,
+                         cfg.cfg_interval)
         with autocast(cfg, device):
             for k, x in enumerate(tqdm(steps, total=cfg.steps, desc="denoising", leave=False)):
                 if k in keep:

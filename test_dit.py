@@ -2004,3 +2004,282 @@ def test_auto_tries_the_key_length_kernel_apart_and_falls_back_to_masked_sdpa(pr
             assert messages == [] and all(c is None for c in calls[1:])
         assert torch.equal(dit.attention(q, k, v, "auto"), torch.zeros_like(q))  # no lengths: the kernel
     assert [c is None for c in calls] == [False] + [True] * 4  # the plain trial, then 3 plain calls
+
+
+# -----------------------------------------------------------------------------
+# Issue 19: spread of the samples (guidance interval, evaluate.py's distribution figures)
+# -----------------------------------------------------------------------------
+
+sys.path.insert(0, str(Path(__file__).parent / "assets"))
+import evaluate  # noqa: E402  (assets/evaluate.py)
+
+
+def test_guidance_interval_mixes_inside_and_skips_the_null_pass_outside():
+    torch.manual_seed(0)
+    model = randomize(tiny_model(learn_sigma=True)).eval()
+    x, y = torch.randn(2, 3, 8, 8), torch.tensor([1, 3])
+    rows = []
+    model.register_forward_hook(lambda module, args, out: rows.append(len(args[0])))
+    guided = dit.guided_model_fn(model, y, 4.0, interval=(100, 600))
+    for step in (99, 100, 599, 600):
+        t = torch.full((2,), step)
+        rows.clear()
+        out = guided(x, t)
+        cond, uncond = model(x, t, y), model(x, t, torch.full_like(y, model.num_classes))
+        if 100 <= step < 600:
+            assert rows[0] == 4  # one pass for [y; null]
+            torch.testing.assert_close(out[:, :3], uncond[:, :3] + 4 * (cond[:, :3] - uncond[:, :3]),
+                                       atol=1e-5, rtol=0)
+        else:
+            assert rows[0] == 2  # the conditional pass alone: the null label is never evaluated
+            assert torch.equal(out, cond)
+    # A batch straddling the edge mixes only its rows inside.
+    t = torch.tensor([599, 600])
+    out = guided(x, t)
+    full = dit.guided_model_fn(model, y, 4.0)(x, t)
+    torch.testing.assert_close(out[0], full[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(out[1], model(x, t, y)[1], atol=1e-6, rtol=0)
+    assert (full[1] - out[1]).abs().max() > 1e-3
+
+
+def test_cfg_interval_flag_is_validated():
+    assert parse_args(SampleConfig, ["--cfg-interval", "100", "600"]).cfg_interval == (100, 600)
+    with pytest.raises(ConfigError, match=r"--cfg-interval: expected LO < HI, got 600 100"):
+        parse_args(SampleConfig, ["--cfg-interval", "600", "100"])
+    with pytest.raises(ConfigError, match=r"--cfg-interval: expected a number in \[0, 1000\], got '-5'"):
+        parse_args(SampleConfig, ["--cfg-interval", "-5", "100"])
+    with pytest.raises(ConfigError, match="--cfg-interval: expected 2 arguments"):
+        parse_args(SampleConfig, ["--cfg-interval", "100"])
+
+
+def test_frechet_distance_matches_the_closed_form_for_diagonal_gaussians():
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(4000, 5, generator=gen, dtype=torch.float64)
+    assert abs(evaluate.frechet_distance(a, a)) < 1e-9
+    # A shift moves only the mean term: FD = |c|^2 exactly, whatever the covariance.
+    c = torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0], dtype=torch.float64)
+    assert evaluate.frechet_distance(a, a + c) == pytest.approx(c.square().sum().item(), abs=1e-8)
+    # Diagonal covariances: Tr(Sa + Sb - 2 (Sa Sb)^1/2) = sum (sd_a - sd_b)^2; a scale of each
+    # coordinate keeps the samples' correlations, so the closed form holds for the sample covariance.
+    s = torch.tensor([1.0, 2.0, 0.5, 3.0, 1.0], dtype=torch.float64)
+    sd = a.std(0)
+    expected = ((sd - s * sd) ** 2).sum().item()
+    assert evaluate.frechet_distance(a, a * s) == pytest.approx(expected, rel=1e-3)
+
+
+def test_palette_colours_finds_each_drawn_colour():
+    import random
+    from torchvision.transforms.functional import pil_to_tensor
+    images, truth = [], []
+    for i in range(24):
+        rng = random.Random(i)
+        state = rng.getstate()
+        colour = rng.choice(dataset.PALETTE)  # draw_shape's first draw is the foreground colour
+        rng.setstate(state)
+        image = dataset.draw_shape(dataset.SHAPES[i % 8], 32, rng)
+        images.append(pil_to_tensor(image).float() / 255)
+        truth.append(dataset.PALETTE.index(colour))
+    found = evaluate.palette_colours(torch.stack(images))
+    assert found.tolist() == truth
+    hist = evaluate.colour_histogram(torch.stack(images))
+    assert hist.sum().item() == pytest.approx(1.0) and len(hist) == len(dataset.PALETTE)
+    assert evaluate.total_variation(hist, hist) == 0
+    assert evaluate.total_variation(torch.tensor([1.0, 0]), torch.tensor([0, 1.0])) == 1
+
+
+def test_real_reference_sets_are_disjoint_balanced_and_held_out_first(tmp_path):
+    for c in range(2):
+        (tmp_path / f"c{c}").mkdir()
+        for i in range(20):
+            Image.new("RGB", (4, 4), (10 * i, 100 * c, 0)).save(tmp_path / f"c{c}" / f"{i}.png")
+    data = ImageFolder(tmp_path, 4)
+    a, b, borrowed = evaluate.real_reference(data, 3)
+    assert a.shape == b.shape == (6, 3, 4, 4)
+    keys = lambda s: {tuple(x.flatten().tolist()) for x in s}  # noqa: E731  (every image differs)
+    assert not keys(a) & keys(b)
+    held, _ = evaluate.split(len(data))
+    assert borrowed == sum(max(0, 6 - sum(data.labels[i] == c for i in held.tolist())) for c in range(2))
+    with pytest.raises(ValueError, match="has 20 images; the real reference needs 22"):
+        evaluate.real_reference(data, 11)
+
+
+def test_posterior_keeps_float64_digits_at_small_t():
+    """The variational term against float64 closed forms (posterior coefficients written with
+    beta_t directly, as in DDPM): float32 cancellation in 1 - abar_t / abar_prev was 7.5e-4 off."""
+    torch.manual_seed(0)
+    diffusion = dit.GaussianDiffusion(schedule="linear", prediction="eps", learn_sigma=True)
+    betas = dit.make_betas("linear", 1000).double()
+    abar = torch.cumprod(1 - betas, 0)
+    abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+    x0 = torch.rand(3, 3, 4, 4) * 2 - 1
+    noise, pred, var_out = torch.randn(3, 3, 4, 4), torch.randn(3, 3, 4, 4), torch.rand(3, 3, 4, 4) * 2 - 1
+    t = torch.tensor([0, 1, 10])
+    x_t = diffusion.q_sample(x0, t, noise)
+    got = diffusion.vb_term(pred, var_out, x0, x_t, t)
+
+    def posterior(x_start):
+        b, ab, abp = (v[t].view(-1, 1, 1, 1) for v in (betas, abar, abar_prev))
+        mean = b * abp.sqrt() / (1 - ab) * x_start + (1 - abp) * (1 - b).sqrt() / (1 - ab) * x_t.double()
+        return mean, b * (1 - abp) / (1 - ab)
+
+    true_mean, true_var = posterior(x0.double())
+    true_log_var = torch.log(torch.where(t.view(-1, 1, 1, 1) == 0, posterior(x0.double())[1][1:2].new_tensor(
+        (betas[1] * (1 - abar[0]) / (1 - abar[1])).item()), true_var))
+    ab = abar[t].view(-1, 1, 1, 1)
+    model_x0 = (x_t.double() - (1 - ab).sqrt() * pred.double()) / ab.sqrt()
+    model_mean, _ = posterior(model_x0)
+    frac = (var_out.double() + 1) / 2
+    model_log_var = frac * betas[t].view(-1, 1, 1, 1).log() + (1 - frac) * true_log_var
+    kl = dit.mean_flat(dit.normal_kl(true_mean, true_log_var, model_mean, model_log_var)) / math.log(2)
+    nll = -dit.mean_flat(dit.discretized_gaussian_log_likelihood(x0.double(), model_mean, 0.5 * model_log_var))
+    expected = torch.where(t == 0, nll / math.log(2), kl)
+    # float32 images leave ~8e-5 (the means' difference over a tiny variance); the float32
+    # schedule left 7e-4 at t = 1 and 5e-4 at t = 10.
+    torch.testing.assert_close(got.double(), expected, rtol=2e-4, atol=0)
+
+
+# --- flow matching -----------------------------------------------------------
+
+def test_flow_interpolates_and_regresses_the_velocity():
+    torch.manual_seed(0)
+    x0, noise = torch.rand(4, 3, 8, 8) * 2 - 1, torch.randn(4, 3, 8, 8)
+    t = torch.tensor([0.1, 0.3, 0.6, 0.95])
+    seen = {}
+
+    def oracle(prediction):
+        def model(x_t, t_model, y):
+            seen.update(x_t=x_t, t=t_model)
+            return (noise - x0) if prediction == "v" else x0
+        return model
+
+    for prediction in ("v", "x0"):
+        flow = dit.RectifiedFlow(prediction=prediction)
+        losses = flow.training_losses(oracle(prediction), x0, t, None, noise=noise)
+        t4 = t.view(-1, 1, 1, 1)
+        torch.testing.assert_close(seen["x_t"], (1 - t4) * x0 + t4 * noise)
+        torch.testing.assert_close(seen["t"], t * 1000)       # the DDPM's time scale
+        assert losses["loss"].abs().max() < 1e-8              # the exact answer costs nothing
+    # Any other prediction pays the squared velocity error; x0 is turned into (x_t - x0_pred) / t.
+    wrong = torch.randn(4, 3, 8, 8)
+    flow = dit.RectifiedFlow(prediction="x0")
+    got = flow.training_losses(lambda x_t, tm, y: wrong, x0, t, None, noise=noise)["loss"]
+    x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
+    v = (x_t - wrong) / t.view(-1, 1, 1, 1)
+    torch.testing.assert_close(got, ((noise - x0 - v) ** 2).mean((1, 2, 3)))
+
+
+@pytest.mark.parametrize("prediction", ["v", "x0"])
+@pytest.mark.parametrize("sampler", ["euler", "heun"])
+def test_flow_samplers_return_the_image_an_oracle_knows(prediction, sampler):
+    """For data that is one image x*, the exact velocity is (x - x*) / t and x0-prediction is x*:
+    both samplers land on x* from any noise (the straight path is followed exactly)."""
+    torch.manual_seed(0)
+    target, noise = torch.rand(2, 3, 8, 8) * 2 - 1, torch.randn(2, 3, 8, 8)
+    flow = dit.RectifiedFlow(prediction=prediction, noise_shift=2.0)
+    model_fn = lambda x, tm: (x - target) / (tm / 1000).view(-1, 1, 1, 1) if prediction == "v" else target  # noqa: E731
+    out = flow.sample(model_fn, noise, steps=7, sampler=sampler)
+    torch.testing.assert_close(out, target, atol=1e-5, rtol=0)
+
+
+def test_flow_euler_and_heun_steps_are_the_textbook_ones():
+    """On dx/dt = a x (a linear velocity), Euler multiplies by (1 + a dt) and Heun by
+    (1 + a dt + (a dt)^2 / 2) each step; the last Heun step, to t = 0, is Euler."""
+    a, x = 0.7, torch.ones(1, 1, 2, 2)
+    flow = dit.RectifiedFlow(prediction="v")
+    times = flow.sample_times(4)
+    assert times[0] == 1 and times[-1] == 0
+    for sampler in ("euler", "heun"):
+        out = flow.sample(lambda x, tm: a * x, x, steps=4, sampler=sampler, clip_denoised=False)
+        expected = 1.0
+        for t, t_next in zip(times[:-1], times[1:]):
+            h = a * (t_next - t)
+            expected *= 1 + h + (h * h / 2 if sampler == "heun" and t_next > 0 else 0)
+        torch.testing.assert_close(out, torch.full_like(x, expected), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="unknown flow sampler 'ddim'; choose 'euler' or 'heun'"):
+        flow.sample(lambda x, tm: x, x, sampler="ddim")
+
+
+def test_flow_shift_divides_the_snr_and_t_is_logit_normal():
+    flow = dit.RectifiedFlow(noise_shift=2.0)
+    t = torch.linspace(0.05, 0.95, 19, dtype=torch.float64)
+    snr = lambda t: ((1 - t) / t) ** 2  # noqa: E731
+    torch.testing.assert_close(snr(flow.shift(t)), snr(t) / 4)
+    torch.manual_seed(0)
+    drawn = dit.RectifiedFlow().draw_timesteps(20000, "cpu")
+    logit = torch.log(drawn / (1 - drawn))
+    assert abs(logit.mean().item()) < 0.03 and abs(logit.std().item() - 1) < 0.03
+    assert isinstance(dit.make_diffusion(), dit.GaussianDiffusion)
+    assert dit.make_diffusion(objective="flow", prediction="x0", noise_shift=2.0).prediction == "x0"
+    with pytest.raises(ValueError, match="unknown objective 'edm'"):
+        dit.make_diffusion(objective="edm")
+    with pytest.raises(ValueError, match="flow matching predicts 'v' or 'x0', not 'eps'"):
+        dit.RectifiedFlow(prediction="eps")
+
+
+# -----------------------------------------------------------------------------
+# Issue 22: small things users ask for
+# -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("objective", ["ddpm", "flow"])
+def test_l1_loss_is_the_mean_absolute_error_and_leaves_the_vb_term_alone(objective):
+    torch.manual_seed(0)
+    x0, noise = torch.rand(3, 3, 8, 8) * 2 - 1, torch.randn(3, 3, 8, 8)
+    out = torch.randn(3, 6 if objective == "ddpm" else 3, 8, 8)
+    t = torch.tensor([0, 10, 500]) if objective == "ddpm" else torch.tensor([0.2, 0.5, 0.9])
+    args = dict(prediction="eps", learn_sigma=True, schedule="linear") if objective == "ddpm" else {}
+    l2 = dit.make_diffusion(objective=objective, **args).training_losses(lambda *a: out, x0, t, None, noise=noise)
+    l1 = dit.make_diffusion(objective=objective, loss="l1", **args).training_losses(lambda *a: out, x0, t, None,
+                                                                                    noise=noise)
+    target = noise if objective == "ddpm" else noise - x0
+    err = target - out[:, :3]
+    torch.testing.assert_close(l1["mse"], l2["mse"])  # the logged mse stays the mse
+    torch.testing.assert_close(l2["loss"] - l2.get("vb", 0), err.square().mean((1, 2, 3)))
+    torch.testing.assert_close(l1["loss"] - l1.get("vb", 0), err.abs().mean((1, 2, 3)))
+    if objective == "ddpm":
+        torch.testing.assert_close(l1["vb"], l2["vb"])
+    with pytest.raises(ValueError, match="unknown loss 'l3'; choose 'l2' or 'l1'"):
+        dit.make_diffusion(objective=objective, loss="l3")
+
+
+def test_prepare_cifar10_writes_class_folders_from_the_official_format(tmp_path, capsys):
+    import pickle
+    import numpy as np
+    import prepare_cifar10
+    source = tmp_path / "cifar-10-batches-py"
+    source.mkdir()
+    names = [b"airplane", b"automobile", b"bird"]
+    with open(source / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": names, b"num_vis": 3072}, f, protocol=2)
+    rng = np.random.default_rng(0)
+    batches = []
+    for file in [f"data_batch_{i}" for i in range(1, 6)]:
+        batch = {b"data": rng.integers(0, 256, (2, 3072), dtype=np.uint8), b"labels": rng.integers(0, 3, 2).tolist()}
+        batches.append(batch)
+        with open(source / file, "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+    out = tmp_path / "cifar"
+    prepare_cifar10.main([str(out), "--from", str(source)])
+    written = sorted(out.glob("*/*.png"))
+    assert len(written) == 10 and {p.parent.name for p in written} <= {n.decode() for n in names}
+    # Image 3 is the second image of data_batch_2: channel-major rows of 1024 values, R then G then B.
+    third = batches[1]
+    path = out / names[third[b"labels"][1]].decode() / "train_00003.png"
+    expected = third[b"data"][1].reshape(3, 32, 32).transpose(1, 2, 0)
+    assert np.array_equal(np.asarray(Image.open(path)), expected)
+    assert ImageFolder(out, 32).classes == sorted({p.parent.name for p in written})  # train.py can read it
+
+    # A tampered batch is refused without running anything, and nothing is written.
+    class Evil:
+        def __reduce__(self):
+            return (shutil.rmtree, (str(tmp_path / "victim"),))
+    (tmp_path / "victim").mkdir()
+    with open(source / "data_batch_3", "wb") as f:
+        pickle.dump({b"data": Evil()}, f, protocol=2)
+    with pytest.raises(SystemExit, match=r"data_batch_3 is not a CIFAR-10 batch \(it asks to load shutil.rmtree"):
+        prepare_cifar10.main([str(tmp_path / "again"), "--from", str(source)])
+    assert (tmp_path / "victim").is_dir() and not (tmp_path / "again").exists()
+    with pytest.raises(SystemExit) as stop:
+        prepare_cifar10.main([str(out), "--from", str(source)])
+    assert stop.value.code == 2 and "already exists and is not empty" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="cannot read .*nowhere/batches.meta"):
+        prepare_cifar10.main([str(tmp_path / "third"), "--from", str(tmp_path / "nowhere")])

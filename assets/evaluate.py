@@ -1,10 +1,18 @@
 """
-How recognisable are a run's samples? An independent judge: a small CNN trained on the run's own
-data set classifies EMA samples of every class; the share it assigns to the intended class is the
-number reported in the README (chance is 1 / number of classes).
+How good are a run's samples? Two questions, judged by a small CNN trained on the run's own data set:
+are they recognisable (the share of EMA samples the CNN assigns to the intended class; chance is
+1 / number of classes), and do they cover the data rather than its commonest look (a Frechet distance
+between the CNN's features of real images and of samples, and, for the built-in shapes, the spread of
+colours against the data's)?
 
     python assets/evaluate.py                               # runs/default, 32 DDIM samples per class
     python assets/evaluate.py --ckpt runs/mine --sampler ddpm --steps 1000
+    python assets/evaluate.py --cfg-scale 3 --cfg-interval 0 1000   # guidance at every step
+
+The Frechet distance here is FID's formula on OUR classifier's 128 penultimate features, not on
+Inception's: its numbers compare only with each other, at equal sample counts (the estimate is
+biased upwards at small counts). So it is printed beside the same distance between two disjoint
+sets of real images of the same size: the floor a perfect sampler would reach.
 
 Not a run-time part of the project: it only measures. The classifier is cached beside the run
 (runs/classifier_<data>_<size>px.pt).
@@ -22,10 +30,18 @@ from torchvision.utils import save_image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from config import SampleConfig  # noqa: E402
-from dataset import MARKER, ImageFolder  # noqa: E402
+from dataset import MARKER, PALETTE, ImageFolder  # noqa: E402
 from sample import generate, load_model  # noqa: E402
 from train import BUILTIN_DATA, load_checkpoint, resolve_device  # noqa: E402
 
+# The classifier's cache names its format: a cache of another format is trained again.
+CACHE_FORMAT = "v2: a quarter held out"
+HELD_OUT = 4  # one image in HELD_OUT is kept from the classifier: the real reference sets come from there
+
+
+# -----------------------------------------------------------------------------
+# The judge: a small CNN, and its features
+# -----------------------------------------------------------------------------
 
 def make_classifier(num_classes):
     def block(c_in, c_out):
@@ -34,30 +50,143 @@ def make_classifier(num_classes):
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, num_classes))
 
 
-def train_classifier(data_dir, image_size, epochs=6, seed=0):
-    """Train on 90% of the data set, report accuracy on the held-out 10%."""
-    data = ImageFolder(data_dir, image_size)
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(data), generator=gen)
-    split = len(data) // 10
-    x = torch.stack([data[i][0] for i in order.tolist()])
-    y = torch.tensor([data[i][1] for i in order.tolist()])
-    x_val, y_val, x_tr, y_tr = x[:split], y[:split], x[split:], y[split:]
+def split(num_images, seed=0):
+    """The classifier's (held-out, training) image indices: a fixed random split."""
+    order = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed))
+    return order[:num_images // HELD_OUT], order[num_images // HELD_OUT:]
+
+
+def train_classifier(data, epochs=6, seed=0):
+    """Train on the training split; report accuracy on the held-out split, overall and per class."""
+    held, kept = split(len(data), seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.stack([data[i][0] for i in range(len(data))])                  # (N, 3, H, W) in [-1, 1]
+    y = torch.tensor(data.labels)                                            # (N,)
     torch.manual_seed(seed)
     net = make_classifier(len(data.classes))
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3)
     for _ in range(epochs):
         net.train()
-        for idx in torch.randperm(len(x_tr), generator=gen).split(64):
-            loss = F.cross_entropy(net(x_tr[idx]), y_tr[idx])
+        for idx in kept[torch.randperm(len(kept), generator=gen)].split(64):
+            loss = F.cross_entropy(net(x[idx]), y[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
     net.eval()
     with torch.no_grad():
-        hit = (net(x_val).argmax(1) == y_val).float()
-    per_class = [hit[y_val == c].mean().item() for c in range(len(data.classes))]
-    return net, data.classes, hit.mean().item(), per_class
+        hit = (net(x[held]).argmax(1) == y[held]).float()
+    per_class = [hit[y[held] == c].mean().item() for c in range(len(data.classes))]
+    return net, hit.mean().item(), per_class
+
+
+@torch.no_grad()
+def features(net, images):
+    """The classifier's penultimate activations (N, 128) for images in [0, 1]."""
+    return torch.cat([net[:-1](batch * 2 - 1) for batch in images.split(256)])
+
+
+# -----------------------------------------------------------------------------
+# Spread: Frechet distance and colours
+# -----------------------------------------------------------------------------
+
+def frechet_distance(a, b):
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between Gaussians fitted to two sets of
+    features (N, F) (Heusel et al. 2017). Tr((S_a S_b)^(1/2)) is the sum of the square roots of the
+    eigenvalues of S_a^(1/2) S_b S_a^(1/2), a symmetric matrix: no non-symmetric matrix root needed."""
+    a, b = a.double(), b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)                           # (F, F) each
+    vals, vecs = torch.linalg.eigh(cov_a)
+    root_a = vecs @ torch.diag(vals.clamp(min=0).sqrt()) @ vecs.T
+    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()
+    return ((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross).item()
+
+
+def palette_colours(images, threshold=0.25):
+    """Index into dataset.PALETTE of each image's foreground colour (N,): the mean of the pixels
+    brighter than `threshold` (the shapes are bright on black), matched to the nearest palette
+    colour. An image with no bright pixel counts as the nearest colour to its brightest pixel."""
+    palette = torch.tensor(PALETTE, dtype=torch.float32) / 255                 # (P, 3)
+    flat = images.flatten(2)                                                    # (N, 3, H*W)
+    bright = flat.amax(1, keepdim=True) > threshold                             # (N, 1, H*W)
+    any_bright = bright.any(-1, keepdim=True)
+    bright = torch.where(any_bright, bright, flat.amax(1, keepdim=True) == flat.amax((1, 2), keepdim=True))
+    colour = (flat * bright).sum(-1) / bright.sum(-1)                           # (N, 3)
+    return torch.cdist(colour, palette).argmin(1)
+
+
+def colour_histogram(images):
+    counts = torch.bincount(palette_colours(images), minlength=len(PALETTE)).float()
+    return counts / counts.sum()
+
+
+def total_variation(p, q):
+    """Half the L1 distance between two histograms: 0 the same, 1 disjoint."""
+    return 0.5 * (p - q).abs().sum().item()
+
+
+def real_reference(data, per_class, seed=0):
+    """Two disjoint sets of real images (in [0, 1]), `per_class` of each class in each, taken from
+    the classifier's held-out split first (features of images it trained on could sit closer to
+    the class means). Returns the two sets and how many images had to come from training."""
+    held, kept = split(len(data), seed)
+    targets = torch.tensor(data.labels)
+    sets, borrowed = ([], []), 0
+    for c in range(len(data.classes)):
+        pool = torch.cat([held[targets[held] == c], kept[targets[kept] == c]])
+        need = 2 * per_class
+        if len(pool) < need:
+            raise ValueError(f"class {data.classes[c]} has {len(pool)} images; the real reference needs "
+                             f"{need} (2 x --num): lower --num")
+        borrowed += max(0, need - int((targets[held] == c).sum()))
+        sets[0].extend(pool[:per_class].tolist())
+        sets[1].extend(pool[per_class:need].tolist())
+    to_unit = lambda idx: torch.stack([data[i][0] for i in idx]) / 2 + 0.5  # noqa: E731
+    return to_unit(sets[0]), to_unit(sets[1]), borrowed
+
+
+# -----------------------------------------------------------------------------
+# The evaluation
+# -----------------------------------------------------------------------------
+
+def load_classifier(data, data_dir, image_size, run_dir):
+    """The cached classifier for this data set, or a new one trained and cached."""
+    cache = run_dir.parent / f"classifier_{Path(data_dir).name}_{image_size}px.pt"  # shared by runs beside it
+    # The built-in set's marker names its drawing version: a redrawn set retrains the classifier.
+    marker = Path(data_dir) / MARKER
+    data_id = f"{CACHE_FORMAT}; " + (marker.read_text() if marker.is_file() else str(Path(data_dir).resolve()))
+    # Weights only, loaded with weights_only=True: a cache file can never run code.
+    try:
+        saved = torch.load(cache, weights_only=True) if cache.exists() else {}
+    except Exception:  # a cache of an older format (a pickled module): train the classifier again
+        saved = {}
+    if saved.get("data_id") != data_id or saved.get("classes") != data.classes:
+        net, val_acc, val_per_class = train_classifier(data)
+        saved = {"net": net.state_dict(), "classes": data.classes, "val_acc": val_acc,
+                 "val_per_class": val_per_class, "data_id": data_id}
+        torch.save(saved, cache)
+    net = make_classifier(len(data.classes))
+    net.load_state_dict(saved["net"])
+    val = ", ".join(f"{c} {100 * a:.0f}%" for c, a in zip(data.classes, saved["val_per_class"]))
+    print(f"classifier ({image_size} px): {100 * saved['val_acc']:.1f}% on held-out real images of "
+          f"{data_dir} (worst class {100 * min(saved['val_per_class']):.0f}%; {val})")
+    return net.eval()
+
+
+def judge(net, images, real_a, real_b, num_classes, palette):
+    """Every figure for samples (label-major, equal counts per class) against the real sets."""
+    with torch.no_grad():
+        pred = net(images * 2 - 1).argmax(1).view(num_classes, -1)
+    recognised = (pred == torch.arange(num_classes)[:, None]).float().mean(1)  # (classes,)
+    f_real_a, f_real_b, f_samples = (features(net, x) for x in (real_a, real_b, images))
+    result = {"recognised": recognised.mean().item(), "per_class": recognised.tolist(),
+              "fd": frechet_distance(f_real_a, f_samples), "fd_real": frechet_distance(f_real_a, f_real_b)}
+    if palette:
+        data_hist = colour_histogram(real_a)
+        result.update(colours=colour_histogram(images).tolist(),
+                      colour_tv=total_variation(colour_histogram(images), data_hist),
+                      colour_tv_real=total_variation(colour_histogram(real_b), data_hist))
+    return result
 
 
 def main(argv=None):
@@ -68,57 +197,52 @@ def main(argv=None):
     parser.add_argument("--sampler", default=defaults.sampler, choices=("ddim", "ddpm"))
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--cfg-scale", type=float, default=defaults.cfg_scale)
+    parser.add_argument("--cfg-interval", type=float, nargs=2, default=defaults.cfg_interval,
+                        metavar=("LO", "HI"), help="guidance only for timesteps LO <= t < HI")
     parser.add_argument("--grid", default="", help="also save the first 8 samples per class here, 4x enlarged")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
+    if args.num < 2:
+        parser.error("--num: expected an integer >= 2 (a covariance needs two samples)")
 
     state = load_checkpoint(args.ckpt)
     data_dir = state["config"]["data"] or BUILTIN_DATA
     run_dir = Path(args.ckpt) if Path(args.ckpt).is_dir() else Path(args.ckpt).parents[1]
     image_size = state["config"]["image_size"]
-    cache = run_dir.parent / f"classifier_{Path(data_dir).name}_{image_size}px.pt"  # shared by runs beside it
-    # The built-in set's marker names its drawing version: a redrawn set retrains the classifier.
-    marker = Path(data_dir) / MARKER
-    data_id = marker.read_text() if marker.is_file() else str(Path(data_dir).resolve())
-    # Weights only, loaded with weights_only=True: a cache file can never run code.
-    try:
-        saved = torch.load(cache, weights_only=True) if cache.exists() else {}
-    except Exception:  # a cache of an older format (a pickled module): train the classifier again
-        saved = {}
-    if saved.get("data_id") != data_id:
-        net, classes, val_acc, val_per_class = train_classifier(data_dir, image_size)
-        saved = {"net": net.state_dict(), "classes": classes, "val_acc": val_acc,
-                 "val_per_class": val_per_class, "data_id": data_id}
-        torch.save(saved, cache)
-    classes = saved["classes"]
-    net = make_classifier(len(classes))
-    net.load_state_dict(saved["net"])
-    val = ", ".join(f"{c} {100 * a:.0f}%" for c, a in zip(classes, saved["val_per_class"]))
-    print(f"classifier ({image_size} px): {100 * saved['val_acc']:.1f}% on held-out real images of "
-          f"{data_dir} (worst class {100 * min(saved['val_per_class']):.0f}%; {val})")
+    data = ImageFolder(data_dir, image_size)
+    net = load_classifier(data, data_dir, image_size, run_dir)
+    classes = data.classes
+    real_a, real_b, borrowed = real_reference(data, args.num)
+    if borrowed:
+        print(f"note: {borrowed} real reference images come from the classifier's training split")
 
     device = resolve_device("auto")
     model, diffusion, model_classes = load_model(args.ckpt, device)
     assert model_classes == classes, "the run's classes differ from its data set's"
     cfg = SampleConfig(num=args.num, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
-                       seed=args.seed)
+                       cfg_interval=tuple(args.cfg_interval), seed=args.seed)
     t0 = time.time()
     images, _ = generate(model, diffusion, list(range(len(classes))), cfg, device)
     seconds = time.time() - t0
     if args.grid:
         first = images.cpu().view(len(classes), args.num, *images.shape[1:])[:, :8].flatten(0, 1)
         save_image(F.interpolate(first, scale_factor=4, mode="nearest"), args.grid, nrow=min(8, args.num))
-    with torch.no_grad():
-        pred = net.eval()(images.cpu() * 2 - 1).argmax(1).view(len(classes), args.num)
-    correct = (pred == torch.arange(len(classes))[:, None]).float().mean(1)
-    for name, acc in zip(classes, correct.tolist()):
+
+    result = judge(net, images.cpu(), real_a, real_b, len(classes), palette=(Path(data_dir) / MARKER).is_file())
+    for name, acc in zip(classes, result["per_class"]):
         print(f"  {name:>12s}: {100 * acc:5.1f}%")
-    total = correct.mean().item()
-    worst = correct.argmin().item()
-    print(f"samples recognised as their class: {100 * total:.1f}% (worst class {classes[worst]} "
-          f"{100 * correct[worst].item():.1f}%; chance {100 / len(classes):.1f}%), "
-          f"{args.sampler} {args.steps} steps, cfg {args.cfg_scale}, {len(images)} samples in {seconds:.1f}s")
-    return total
+    worst = min(range(len(classes)), key=lambda c: result["per_class"][c])
+    lo, hi = cfg.cfg_interval
+    print(f"samples recognised as their class: {100 * result['recognised']:.1f}% (worst class {classes[worst]} "
+          f"{100 * result['per_class'][worst]:.1f}%; chance {100 / len(classes):.1f}%), {args.sampler} "
+          f"{args.steps} steps, cfg {args.cfg_scale} for {lo:g} <= t < {hi:g}, {len(images)} samples in {seconds:.1f}s")
+    print(f"feature Frechet distance to real images: {result['fd']:.1f} (real vs real, same count: "
+          f"{result['fd_real']:.1f})")
+    if "colours" in result:
+        shares = " ".join(f"{100 * s:.0f}%" for s in result["colours"])
+        print(f"colour spread, total variation to the data's: {result['colour_tv']:.3f} (real vs real: "
+              f"{result['colour_tv_real']:.3f}); shares in palette order: {shares}")
+    return result
 
 
 if __name__ == "__main__":
