@@ -24,6 +24,11 @@ def option(default, help, choices=None, at_least=None, above=None, below=None, a
     return field(default=default, metadata={"help": help, "choices": choices, **bounds})
 
 
+# Guidance only in the middle of the chain, timesteps 0 <= t < 600 of 1000 (Kynkaanniemi et al.
+# 2024): guided at every step, the samples drifted to the commonest colours (see the README).
+CFG_INTERVAL = (0.0, 1000.0)
+
+
 # -----------------------------------------------------------------------------
 # Training
 # -----------------------------------------------------------------------------
@@ -50,11 +55,16 @@ class TrainConfig:
     schedule: str = option("cosine", "noise schedule", ("linear", "cosine"))
     noise_shift: float = option(2.0, "divide the schedule's SNR by this squared (simple diffusion: "
                                 "about image_size / 16 here)", at_least=0.1, at_most=100)
-    prediction: str = option("x0", "what the network predicts", ("eps", "v", "x0"))
-    loss_weighting: str = option("min_snr", "per-timestep loss weights", ("uniform", "min_snr"))
+    objective: str = option("ddpm", "ddpm: the DDPM chain (the paper's); flow: rectified flow (SiT, SD3)",
+                            ("ddpm", "flow"))
+    prediction: str = option("x0", "what the network predicts (flow: v or x0)", ("eps", "v", "x0"))
+    loss_weighting: str = option("min_snr", "per-timestep loss weights (ddpm)", ("uniform", "min_snr"))
+    loss: str = option("l2", "elementwise distance of prediction and target", ("l2", "l1"))
     # optimisation
     steps: int = option(4500, "optimizer steps in total (a resumed run continues to this number)", at_least=1)
-    batch_size: int = option(32, "images per optimizer step, over all processes", at_least=1)
+    batch_size: int = option(32, "images per optimizer step, over all processes and micro-batches", at_least=1)
+    grad_accum: int = option(1, "micro-batches per optimizer step (each --batch-size / processes / this)",
+                             at_least=1)
     lr: float = option(2e-3, "peak AdamW learning rate", above=0)
     lr_schedule: str = option("cosine", "after warm-up: constant, or cosine decay to lr/10", ("constant", "cosine"))
     warmup_steps: int = option(100, "linear learning-rate warm-up", at_least=0)
@@ -73,6 +83,8 @@ class TrainConfig:
     sample_every: int = option(1000, "steps between sample grids (0: only at the end)", at_least=0)
     sample_steps: int = option(50, "DDIM steps for the sample grids", at_least=1, at_most=1000)
     cfg_scale: float = option(3.0, "classifier-free guidance scale for the sample grids", at_least=0)
+    cfg_interval: tuple = option(CFG_INTERVAL, "guide the sample grids only at timesteps LO <= t < HI",
+                                 at_least=0, at_most=1000)
     profile: bool = option(False, "write a torch.profiler trace of a few steps to <out>/profile")
     benchmark: bool = option(False, "time training steps on random data and print one line (no run directory)")
 
@@ -114,9 +126,10 @@ class SampleConfig:
     batch_size: int = option(256, "images denoised at once (with DDIM at eta 0 the images do not depend on it)",
                              at_least=1)
     cfg_scale: float = option(3.0, "classifier-free guidance scale (1: no guidance)", at_least=0)
-    cfg_interval: tuple = option((0.0, 1000.0), "guide only at timesteps LO <= t < HI of the trained 1000 "
+    cfg_interval: tuple = option(CFG_INTERVAL, "guide only at timesteps LO <= t < HI of the trained 1000 "
                                  "(elsewhere the class alone, one pass: faster)", at_least=0, at_most=1000)
-    sampler: str = option("ddim", "reverse process", ("ddim", "ddpm"))
+    sampler: str = option("auto", "reverse process: ddim or ddpm for a DDPM run, euler or heun for a flow run; "
+                          "auto: ddim or euler", ("auto", "ddim", "ddpm", "euler", "heun"))
     steps: int = option(50, "denoising steps (respaced from the trained 1000)", at_least=1)
     eta: float = option(0.0, "DDIM noise: 0 deterministic, 1 matches DDPM", at_least=0, at_most=1)
     seed: int = option(0, "same seed, same images", at_least=0, at_most=2**32 - 1)

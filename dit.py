@@ -632,6 +632,8 @@ class GaussianDiffusion:
         some small-DiT projects prefer); the variational term (learn_sigma) is the same either way.
     """
 
+    samplers = ("ddim", "ddpm")  # the first is the default
+
     def __init__(self, num_timesteps=1000, schedule="linear", prediction="eps",
                  learn_sigma=True, loss_weighting="uniform", min_snr_gamma=5.0, noise_shift=1.0, loss="l2"):
         if prediction not in ("eps", "v", "x0"):
@@ -774,7 +776,7 @@ class GaussianDiffusion:
         The last yield holds the sample. Respaced: fewer steps reuse the trained network at a
         subset of its timesteps.
         """
-        if sampler not in ("ddpm", "ddim"):
+        if sampler not in self.samplers:
             raise ValueError(f"unknown sampler {sampler!r}; choose 'ddpm' or 'ddim'")
         timesteps = self.sample_timesteps(steps or self.num_timesteps)
         x = noise
@@ -832,6 +834,7 @@ class RectifiedFlow:
 
     num_timesteps = 1000  # the network's time scale; sampling may use any number of steps
     learn_sigma = False
+    samplers = ("euler", "heun")  # the first is the default
 
     def __init__(self, prediction="v", noise_shift=1.0, loss="l2", min_t=0.05):
         self.loss = distance(loss)
@@ -877,7 +880,7 @@ class RectifiedFlow:
         "euler": one network call per step; "heun": two (a trapezoid of the velocities at both
         ends; the last step, to t = 0 where x0-prediction is undefined, stays Euler, as in EDM).
         clip_denoised clamps the implied x_0 = x_t - t v to [-1, 1]."""
-        if sampler not in ("euler", "heun"):
+        if sampler not in self.samplers:
             raise ValueError(f"unknown flow sampler {sampler!r}; choose 'euler' or 'heun'")
 
         def velocity(x, t):
@@ -980,7 +983,7 @@ def to_unit(x):
 
 
 @torch.no_grad()
-def draw(model, diffusion, y, j, seed, steps, cfg_scale, sampler="ddim", eta=0.0, interval=(0, math.inf)):
+def draw(model, diffusion, y, j, seed, steps, cfg_scale, sampler="auto", eta=0.0, interval=(0, math.inf)):
     """Denoise sample j[i] of class y[i] for every i, with guidance: yields x_t after each of the
     `steps` reverse steps, (N, C, H, W), the last one the sample. DDPM's per-step noise (or DDIM's
     at eta > 0) comes from one generator per batch, keyed by its first image, so there an image
@@ -989,6 +992,7 @@ def draw(model, diffusion, y, j, seed, steps, cfg_scale, sampler="ddim", eta=0.0
     noise = torch.stack([initial_noise(seed, c, k, shape) for c, k in zip(y.tolist(), j)]).to(y.device)  # x_T
     gen = torch.Generator(y.device).manual_seed(seed_for(seed, "steps", y[0].item(), j[0]))
     model_fn = guided_model_fn(model, y, cfg_scale, interval)
+    sampler = diffusion.samplers[0] if sampler == "auto" else sampler
     for _, x, _ in diffusion.denoise_steps(model_fn, noise, steps=steps, sampler=sampler, eta=eta,
                                            generator=gen):
         yield x

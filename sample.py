@@ -15,6 +15,7 @@ enlarged to at least 512 px wide for people) and one PNG per sample at its own s
 into --out, and prints their paths. All flags: `python sample.py --help`.
 """
 
+import dataclasses
 import sys
 
 import torch
@@ -99,6 +100,12 @@ def main(argv=None):
         device = resolve_device(cfg.device)
         model, diffusion, classes = load_model(cfg.ckpt, device)
         labels = resolve_labels(cfg.label, classes)
+        if cfg.sampler == "auto":
+            cfg = dataclasses.replace(cfg, sampler=diffusion.samplers[0])
+        if cfg.sampler not in diffusion.samplers:
+            kind = "flow matching" if isinstance(diffusion, dit.RectifiedFlow) else "DDPM"
+            raise ConfigError(f"--sampler {cfg.sampler} does not fit this {kind} run: choose "
+                              f"{' or '.join(diffusion.samplers)}")
         if cfg.cfg_scale != 1:
             try:  # dit owns the rule (guidance needs a null label); asked here, before any sampling
                 dit.guided_model_fn(model, torch.zeros(1, dtype=torch.long), cfg.cfg_scale)

@@ -2283,3 +2283,113 @@ def test_prepare_cifar10_writes_class_folders_from_the_official_format(tmp_path,
     assert stop.value.code == 2 and "already exists and is not empty" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="cannot read .*nowhere/batches.meta"):
         prepare_cifar10.main([str(tmp_path / "third"), "--from", str(tmp_path / "nowhere")])
+
+
+# --- train.py: gradient accumulation, the L1 flag, the model graph --------------
+
+def one_step(grad_accum, proc=None, seed=7):
+    """The gradients of one optimizer step of a tiny model on a fixed batch, its loss, and the step
+    function (label dropout off: its draws happen inside the forward, per micro-batch). Clipping off:
+    the gradients themselves are compared (AdamW would hide a wrong scale: it divides it out)."""
+    proc = proc or train.Process(0, 1, torch.device("cpu"))
+    cfg = TrainConfig(model="DiT-Mi/4", image_size=16, batch_size=8 * proc.world, grad_accum=grad_accum,
+                      class_dropout=0.0, attn="math", device="cpu", seed=seed, grad_clip=0)
+    state = train.build_state(cfg, ["a", "b", "c"], proc)
+    randomize(state.model)  # past the zero-initialised output layer, so every weight gets a gradient
+    step = train.make_train_step(cfg, state, proc)
+    gen = torch.Generator().manual_seed(100 + proc.rank)
+    x, y = torch.randn(8, 3, 16, 16, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+    loss, mse, norm = step(x, y, 1e-3)
+    return [p.grad.clone() for p in state.model.parameters() if p.requires_grad], loss, step
+
+
+def test_grad_accum_makes_the_same_update_as_one_batch():
+    one, loss_one, _ = one_step(1)
+    four, loss_four, _ = one_step(4)
+    assert min(g.abs().max().item() for g in one) > 0  # every weight has a gradient to compare
+    for a, b in zip(one, four):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(loss_one, loss_four, atol=1e-7, rtol=1e-6)  # the logged loss is the batch's
+
+
+def _grad_accum_rank(rank, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    torch.set_num_threads(1)
+    with train.distributed("cpu") as proc:
+        result = {}
+        for k in (1, 2):
+            calls = []
+            grads, _, step = one_step(k, proc)
+            step.net.register_comm_hook(None, lambda state, bucket: (calls.append(1), allreduce_hook(state, bucket))[1])
+            # A second step with the hook in place: count the all-reduces of one optimizer step.
+            gen = torch.Generator().manual_seed(200 + rank)
+            step(torch.randn(8, 3, 16, 16, generator=gen), torch.randint(0, 3, (8,), generator=gen), 1e-3)
+            result[k] = {"grads": grads, "allreduces": len(calls)}
+        torch.save(result, Path(out) / f"rank{rank}.pt")
+
+
+def test_grad_accum_under_ddp_all_reduces_once_per_step(tmp_path):
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_grad_accum_rank, args=(port, str(tmp_path)), nprocs=2, start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for r in ranks:
+        assert r[2]["allreduces"] == r[1]["allreduces"] >= 1  # no_sync: not once per micro-batch
+        for a, b in zip(r[1]["grads"], r[2]["grads"]):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    for a, b in zip(ranks[0][2]["grads"], ranks[1][2]["grads"]):
+        assert torch.equal(a, b)  # all-reduced: the same averaged gradient on both ranks
+
+
+def test_new_training_flags_are_checked_up_front(tiny_data, tmp_path):
+    cases = [(("--grad-accum", "3"), "--batch-size 8 is not divisible by 1 process.es. x --grad-accum 3"),
+             (("--objective", "flow", "--learn-sigma"), "--objective flow predicts v or x0 .* drop --learn-sigma"),
+             (("--objective", "flow", "--prediction", "eps"), "drop --prediction eps"),
+             (("--objective", "edm"), "argument --objective: invalid choice: 'edm'"),
+             (("--loss", "l3"), "argument --loss: invalid choice: 'l3'"),
+             (("--grad-accum", "0"), "argument --grad-accum: expected an integer >= 1, got '0'")]
+    for extra, message in cases:
+        with pytest.raises(SystemExit, match=message):
+            train.main(tiny_args(tiny_data, tmp_path / "run", 2, *extra))
+        assert not (tmp_path / "run").exists()
+
+
+def test_a_flow_run_trains_samples_and_carries_its_objective(tiny_data, tmp_path, capsys):
+    out = tmp_path / "flow"
+    train.main(tiny_args(tiny_data, out, 4, "--objective", "flow", "--loss", "l1", "--log-every", "2"))
+    saved = train.load_checkpoint(out)
+    assert saved["diffusion_args"]["objective"] == "flow" and saved["diffusion_args"]["loss"] == "l1"
+    _, diffusion, _ = sample.load_model(out, torch.device("cpu"))
+    assert isinstance(diffusion, dit.RectifiedFlow) and diffusion.prediction == "x0"
+    assert run_sample(out, tmp_path / "euler", "--label", "0").shape == (2, 3, 16, 16)
+    assert "(euler, 4 steps" in capsys.readouterr().out  # auto is Euler for a flow run
+    run_sample(out, tmp_path / "heun", "--label", "0", "--sampler", "heun")
+    with pytest.raises(SystemExit, match="--sampler ddim does not fit this flow matching run: choose euler or heun"):
+        run_sample(out, tmp_path / "ddim", "--sampler", "ddim")
+    with pytest.raises(SystemExit, match="trained with --objective flow, but this run asks for ddpm"):
+        train.main(tiny_args(tiny_data, out, 6))
+
+
+def test_the_model_graph_is_in_tensorboard_and_a_failed_trace_warns(tiny_run, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tiny_run[0]))
+    events.Reload()
+    graph = events.Graph()
+    ops = {node.op for node in graph.node}
+    assert any("aten::linear" in op or "aten::addmm" in op for op in ops), ops  # the network's layers
+
+    class Refuses:
+        def add_graph(self, model, inputs):
+            raise RuntimeError("cannot trace this\nsecond line")
+
+        def add_text(self, tag, text):
+            self.text = (tag, text)
+    writer = Refuses()
+    with pytest.warns(UserWarning, match=r"could not be traced \(RuntimeError: cannot trace this\); TensorBoard"):
+        train.write_graph(writer, tiny_model().eval(), ["a"])
+    assert writer.text[0] == "model" and "DiTBlock" in writer.text[1]

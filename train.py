@@ -76,7 +76,8 @@ def train(cfg):
 
 def make_train_step(cfg, state, proc):
     """One optimizer step as a function of (x, y, lr). It returns device tensors, so the host
-    never waits for the device here."""
+    never waits for the device here. With --grad-accum K the batch is cut into K micro-batches
+    whose gradients add up to the whole batch's: the same update in 1/K of the activation memory."""
     device = proc.device
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -90,17 +91,27 @@ def make_train_step(cfg, state, proc):
     def train_step(x, y, lr):
         for group in state.opt.param_groups:
             group["lr"] = lr
-        # DDPM (Ho et al. 2020, Algorithm 1): a uniform timestep per image; training_losses noises
-        # x to x_t and regresses the network's prediction on its target.
-        t = torch.randint(0, state.diffusion.num_timesteps, (x.shape[0],), device=device)  # (B,)
-        with autocast(cfg, device):
-            losses = state.diffusion.training_losses(net, x, t, y)                          # (B,) each
-        loss = losses["loss"].mean()
+        # DDPM (Ho et al. 2020, Algorithm 1): a uniform timestep and fresh noise per image;
+        # training_losses noises x to x_t and regresses the network's prediction on its target.
+        # (Flow matching draws logit-normal times instead.) Drawn for the whole batch first, so
+        # micro-batches see the very numbers one big batch would.
+        t = state.diffusion.draw_timesteps(x.shape[0], device)                        # (B,)
+        noise = torch.randn_like(x)                                                   # (B, C, H, W)
         state.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = mse = 0
+        for i, chunk in enumerate(zip(*(v.chunk(cfg.grad_accum) for v in (x, t, y, noise)))):
+            # DDP all-reduces the gradients once, in the last micro-batch's backward.
+            last = i == cfg.grad_accum - 1
+            with net.no_sync() if proc.world > 1 and not last else nullcontext():
+                with autocast(cfg, device):
+                    losses = state.diffusion.training_losses(net, *chunk[:3], noise=chunk[3])  # (B/K,) each
+                (losses["loss"].mean() / cfg.grad_accum).backward()
+            loss = loss + losses["loss"].detach().mean() / cfg.grad_accum
+            mse = mse + losses["mse"].detach().mean() / cfg.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         state.opt.step()
-        return loss.detach(), losses["mse"].mean().detach(), grad_norm
+        return loss, mse, grad_norm
+    train_step.net = net  # the network as trained (compiled, DDP-wrapped), for the benchmark and tests
     return train_step
 
 
@@ -251,8 +262,12 @@ class StopFlag:
 
 def check_flags(cfg, proc):
     """What config.py cannot check alone: flags that depend on each other or on this machine."""
-    if cfg.batch_size % proc.world:
-        raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by the {proc.world} processes")
+    if cfg.batch_size % (proc.world * cfg.grad_accum):
+        raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by {proc.world} process(es) x "
+                          f"--grad-accum {cfg.grad_accum}: each micro-batch must be the same size")
+    if cfg.objective == "flow" and (cfg.learn_sigma or cfg.prediction == "eps"):
+        raise ConfigError(f"--objective flow predicts v or x0 with no learned variance; drop "
+                          f"{'--learn-sigma' if cfg.learn_sigma else '--prediction eps'} (or use --objective ddpm)")
     if cfg.model not in dit.DiT_models:
         raise ConfigError(f"--model {cfg.model!r} is not a preset; choose from {', '.join(dit.DiT_models)}")
     patch = dit.DiT_models[cfg.model].keywords["patch_size"]
@@ -279,7 +294,7 @@ class TrainState:
     model: torch.nn.Module
     ema: torch.nn.Module
     opt: torch.optim.Optimizer
-    diffusion: dit.GaussianDiffusion
+    diffusion: object             # dit.GaussianDiffusion or dit.RectifiedFlow
     flip_gen: torch.Generator
     model_args: dict
     diffusion_args: dict
@@ -293,18 +308,18 @@ class TrainState:
 
 
 # The flags that define the network (as dit.DiT's arguments: flag -> argument) and its noise process
-# (GaussianDiffusion's). The checkpoint keeps them, so sample.py needs no flags, and a resumed run
-# may not change them. The loss weighting may change: it is saved too, but only training uses it.
+# (dit.make_diffusion's). The checkpoint keeps them, so sample.py needs no flags, and a resumed run
+# may not change them. The loss and its weighting may change: saved too, but only training uses them.
 MODEL_ARGS = {"model": "name", "image_size": "input_size", "learn_sigma": "learn_sigma",
               "class_dropout": "class_dropout_prob", "conditioning": "conditioning"}
-DIFFUSION_ARGS = ("schedule", "prediction", "learn_sigma", "noise_shift")
+DIFFUSION_ARGS = ("objective", "schedule", "prediction", "learn_sigma", "noise_shift")
 
 
 def build_state(cfg, classes, proc):
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model_args = {arg: getattr(cfg, key) for key, arg in MODEL_ARGS.items()}
     model_args.update(in_channels=3, num_classes=len(classes))
-    diffusion_args = {key: getattr(cfg, key) for key in (*DIFFUSION_ARGS, "loss_weighting")}
+    diffusion_args = {key: getattr(cfg, key) for key in (*DIFFUSION_ARGS, "loss_weighting", "loss")}
     model = build_model(model_args, attn_backend=cfg.attn, grad_checkpointing=cfg.grad_checkpointing)
     model.to(proc.device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
@@ -312,7 +327,7 @@ def build_state(cfg, classes, proc):
                             weight_decay=cfg.weight_decay, fused=proc.device.type == "cuda")
     flip_gen = torch.Generator().manual_seed(cfg.seed + 1_000_003 * proc.rank)
     torch.manual_seed(cfg.seed + proc.rank)  # per-rank noise and timesteps
-    return TrainState(model, ema, opt, dit.GaussianDiffusion(**diffusion_args), flip_gen, model_args,
+    return TrainState(model, ema, opt, dit.make_diffusion(**diffusion_args), flip_gen, model_args,
                       diffusion_args, classes)
 
 
@@ -336,7 +351,8 @@ def resume(cfg, state, proc):
     if not checkpoint_files(cfg.out):
         return
     saved = load_checkpoint(cfg.out)
-    saved_cfg = {"conditioning": "adaln-zero", "noise_shift": 1.0, **saved["config"]}  # older runs lack these
+    saved_cfg = {"conditioning": "adaln-zero", "noise_shift": 1.0, "objective": "ddpm",  # older runs lack these
+                 **saved["config"]}
     for key in dict.fromkeys((*MODEL_ARGS, *DIFFUSION_ARGS)):  # what defines the model may not change
         if getattr(cfg, key) != saved_cfg.get(key):
             raise ConfigError(f"{cfg.out} holds a run trained with {flag(key)} {saved_cfg.get(key)}, but this run "
@@ -452,6 +468,7 @@ class RunLog:
         print(f"{cfg.model}: {num_params(state.model) / 1e6:.2f}M parameters, {num_images} images in "
               f"{len(state.classes)} classes, {proc.world} x {proc.device.type}, "
               f"{'bf16' if use_bf16(cfg, proc.device) else 'fp32'}")
+        write_graph(self.writer, state.ema, state.classes)
         self.bar = tqdm(total=cfg.steps, initial=state.step, dynamic_ncols=True)
 
     def __enter__(self):
@@ -484,6 +501,23 @@ class RunLog:
                           self.writer, step)
 
 
+def write_graph(writer, model, classes):
+    """The network in TensorBoard's Graphs tab, traced once at the start on a batch of two zero images
+    (no random numbers drawn: exact resume holds). A model the tracer cannot follow is written as
+    text instead, with a one-line warning; training goes on either way."""
+    s, device = model.input_size, next(model.parameters()).device
+    x = torch.zeros(2, model.in_channels, s, s, device=device)
+    t, y = torch.zeros(2, dtype=torch.long, device=device), torch.zeros(2, dtype=torch.long, device=device)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracer's warnings about Python control flow
+            writer.add_graph(model, (x, t, y))
+    except Exception as err:
+        warnings.warn(f"the model graph could not be traced ({type(err).__name__}: {str(err).splitlines()[0]}); "
+                      f"TensorBoard's Text tab shows the modules instead")
+        writer.add_text("model", f"```\n{model}\n```")
+
+
 def write_samples(ema, diffusion, cfg, classes, device, out, writer, step):
     """samples/step_N.png, enlarged for people, and step_N_raw.png at the images' own size: row c
     holds samples 0-7 of class c exactly as `python sample.py --label c` draws them with this run's
@@ -492,7 +526,7 @@ def write_samples(ema, diffusion, cfg, classes, device, out, writer, step):
     cfg_scale = cfg.cfg_scale if cfg.class_dropout > 0 else 1.0  # no null label, no guidance
     with autocast(cfg, device):
         for x in dit.draw(ema, diffusion, y, list(range(8)) * len(classes), SampleConfig.seed,
-                          cfg.sample_steps, cfg_scale):
+                          cfg.sample_steps, cfg_scale, interval=cfg.cfg_interval):
             pass
     (out / "samples").mkdir(exist_ok=True)
     name = out / "samples" / f"step_{step:07d}"

@@ -194,7 +194,7 @@ def main(argv=None):
     parser.add_argument("--ckpt", default="runs/default")
     parser.add_argument("--num", type=int, default=32, help="samples per class")
     defaults = SampleConfig()  # sample.py's defaults: the score is what a user of sample.py sees
-    parser.add_argument("--sampler", default=defaults.sampler, choices=("ddim", "ddpm"))
+    parser.add_argument("--sampler", default=defaults.sampler, choices=("auto", "ddim", "ddpm", "euler", "heun"))
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--cfg-scale", type=float, default=defaults.cfg_scale)
     parser.add_argument("--cfg-interval", type=float, nargs=2, default=defaults.cfg_interval,
