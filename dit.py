@@ -473,8 +473,8 @@ def forward_gmacs(model):
     p = model.pos_embed
     x = torch.zeros(1, model.in_channels, model.input_size, model.input_size, device=p.device, dtype=p.dtype)
     t = y = torch.zeros(1, dtype=torch.long, device=p.device)
-    if isinstance(model, TextDiT):  # counted with a caption of typical length, 17 bytes
-        y = tokenize(["a purple triangle"]).to(p.device)
+    if isinstance(model, TextDiT):  # counted with a short caption, 10 bytes
+        y = tokenize(["a red star"]).to(p.device)
     norm_elements = []
     hooks = [m.register_forward_hook(lambda m, inputs, out: norm_elements.append(out.numel()))
              for m in model.modules() if isinstance(m, nn.LayerNorm)]

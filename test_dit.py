@@ -1894,3 +1894,134 @@ def test_tokenizer_is_utf8_bytes_after_bos():
         dit.tokenize(["ok", "too long!"], max_bytes=8)
     with pytest.raises(TypeError, match="a list of captions, not one string"):
         dit.tokenize("a red star")
+
+
+@pytest.mark.parametrize("backend", ["math", "sdpa"])
+def test_caption_encoder_on_empty_long_and_non_ascii_captions(backend):
+    encoder = randomize(tiny_text_model(attn_backend=backend)).caption_encoder.eval()
+    captions = ["", "un cœur rouge ♥", "東京", "a red star"]
+    with torch.no_grad():
+        text, lengths, pooled = encoder(dit.tokenize(captions))
+        assert text.shape == (4, 1 + len("un cœur rouge ♥".encode()), 64) and pooled.shape == (4, 64)
+        assert lengths.tolist() == [1, 19, 7, 11] and text.isfinite().all() and pooled.isfinite().all()
+        # The empty caption (BOS alone) is a real condition: finite, and the same in any batch.
+        alone = encoder(dit.tokenize([""]))
+        torch.testing.assert_close(pooled[0], alone[2][0])
+        torch.testing.assert_close(text[0, :1], alone[0][0])
+        assert (pooled[1:] - pooled[0]).abs().amax(dim=1).min() > 1e-3  # every caption its own vector
+        # Token rows wider than this model's limit (32 bytes) are refused, not silently cut.
+        with pytest.raises(ValueError, match="captions of 33 bytes, over this model's limit of 32"):
+            encoder(dit.tokenize(["x" * 33]))
+
+
+@pytest.mark.parametrize("backend", ["math", "sdpa"])
+def test_padded_captions_give_the_unpadded_output(backend, monkeypatch):
+    model = randomize(tiny_text_model(attn_backend=backend)).eval()
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([10, 600])
+    with torch.no_grad():
+        batch = model(x, t, dit.tokenize(["a red star", "a longer one: star is padded"]))
+        alone = model(x[:1], t[:1], dit.tokenize(["a red star"]))
+        torch.testing.assert_close(batch[:1], alone, atol=1e-5, rtol=1e-5)
+        # The comparison can fail: with the padding attended to, the output changes.
+        monkeypatch.setattr(dit, "caption_lengths", lambda tokens: torch.full(tokens.shape[:1], tokens.shape[1]))
+        unmasked = model(x, t, dit.tokenize(["a red star", "a longer one: star is padded"]))
+    assert (unmasked[:1] - alone).abs().max() > 1e-3
+
+
+def test_text_block_is_the_adaln_zero_block_at_init():
+    model = tiny_text_model()
+    block = model.blocks[0]
+    assert isinstance(block, dit.DiTBlock) and block.conditioning == "adaln-zero"
+    with torch.no_grad():  # gates open, so that the blocks are not both the identity
+        block.adaLN_modulation[-1].weight.normal_(std=0.2)
+        block.adaLN_modulation[-1].bias.normal_(std=0.2)
+    plain = dit.DiTBlock(64, 2, attn_backend=block.attn.backend)
+    plain.load_state_dict({k: v for k, v in block.state_dict().items() if not k.startswith("cross_attn.")})
+    x, c, text = torch.randn(2, 16, 64), torch.randn(2, 64), torch.randn(2, 5, 64)
+    out = block(x, c, text, torch.tensor([5, 2]))
+    assert torch.equal(out, plain(x, c))  # the cross-attention adds exactly zero
+    out.square().sum().backward()         # ...and yet it learns: its output projection has a gradient
+    assert block.cross_attn.proj.weight.grad.abs().max() > 0
+    # The whole fresh model predicts 0, as the class-conditional DiT does.
+    assert torch.equal(model(torch.randn(2, 3, 8, 8), torch.tensor([0, 999]), dit.tokenize(["a", "b"])),
+                       torch.zeros(2, 3, 8, 8))
+
+
+def test_caption_dropout_uses_the_empty_caption():
+    model = randomize(tiny_text_model(caption_dropout_prob=1.0))
+    x, t = torch.randn(8, 3, 8, 8), torch.randint(0, 1000, (8,))
+    captions = dit.tokenize(["a red star", "two", "a blue heart", "a", "b", "c", "d", "e"])
+    with torch.no_grad():
+        cond = model.eval()(x, t, captions)
+        null = model(x, t, dit.empty_captions(8))
+        assert (cond - null).abs().amax(dim=(1, 2, 3)).min() > 1e-3  # every caption matters
+        torch.testing.assert_close(model.train()(x, t, captions), null, atol=1e-5, rtol=1e-5)
+        model.caption_dropout_prob = 0.5  # per sample: each row is either its caption's or the null's
+        torch.manual_seed(0)
+        mixed = model(x, t, captions)
+        dropped = [(mixed[i] - null[i]).abs().max() < 1e-5 for i in range(8)]
+        kept = [(mixed[i] - cond[i]).abs().max() < 1e-5 for i in range(8)]
+        assert all(a != b for a, b in zip(dropped, kept)) and any(dropped) and any(kept)
+        model.caption_dropout_prob = 0.0
+        torch.testing.assert_close(model(x, t, captions), cond)
+
+
+def test_text_guidance_extrapolates_from_the_empty_caption():
+    model = randomize(tiny_text_model(learn_sigma=True)).eval()
+    captions = dit.tokenize(["a red star", "an orange heart"])
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([100, 700])
+    with torch.no_grad():
+        cond = model(x, t, captions)
+        uncond = model(x, t, dit.tokenize(["", ""]))
+        guided = dit.guided_text_model_fn(model, captions, 3.0)(x, t)
+        torch.testing.assert_close(guided[:, :3], uncond[:, :3] + 3.0 * (cond[:, :3] - uncond[:, :3]))
+        torch.testing.assert_close(guided[:, 3:], cond[:, 3:])  # the variance stays conditional
+        assert torch.equal(dit.guided_text_model_fn(model, captions, 1.0)(x, t), cond)
+        # The interval: guided where lo <= t < hi, the caption's own prediction elsewhere.
+        half = dit.guided_text_model_fn(model, captions, 3.0, interval=(0, 500))(x, t)
+        torch.testing.assert_close(half[0], guided[0])
+        torch.testing.assert_close(half[1], cond[1])
+    with pytest.raises(ValueError, match="needs the empty caption of a model trained with caption dropout"):
+        dit.guided_text_model_fn(tiny_text_model(caption_dropout_prob=0.0), captions, 3.0)
+
+
+def test_text_model_rebuilds_from_its_model_args(tmp_path):
+    model_args = dict(name="TextDiT-Mi/4", input_size=16, in_channels=3, learn_sigma=False, text_depth=2,
+                      max_caption_bytes=16, caption_dropout_prob=0.2)
+    args = dict(model_args)
+    model = randomize(dit.TextDiT_models[args.pop("name")](**args))
+    torch.save({"model": model.state_dict(), "model_args": model_args}, tmp_path / "ckpt.pt")
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)  # plain tensors and values only
+    args = dict(saved["model_args"])
+    rebuilt = dit.TextDiT_models[args.pop("name")](**args)
+    rebuilt.load_state_dict(saved["model"])  # strict: the same layout
+    x, t, captions = torch.randn(2, 3, 16, 16), torch.tensor([3, 900]), dit.tokenize(["a red star", ""])
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x, t, captions), rebuilt.eval()(x, t, captions))
+    with pytest.raises(ValueError, match="over this model's limit of 16"):  # the tokenizer's limit travels
+        rebuilt(x, t, dit.tokenize(["a caption of 17 b", ""]))
+    assert dit.forward_gmacs(rebuilt) > dit.forward_gmacs(dit.DiT_models["DiT-Mi/4"](input_size=16, in_channels=3))
+
+
+def test_tiny_text_model_learns_colours_from_captions():
+    """Four flat images, one per caption, at high noise only (t >= 900), where x_t has all but
+    lost the image: the loss can fall below that of predicting the mean colour (about 1) only by
+    reading the caption, and the prediction from pure noise must be the caption's colour."""
+    torch.manual_seed(0)
+    colours = {"red": (1, -1, -1), "green": (-1, 1, -1), "blue": (-1, -1, 1), "a white one": (1, 1, 1)}
+    x0 = torch.tensor(list(colours.values()), dtype=torch.float)[:, :, None, None].expand(4, 3, 8, 8)
+    captions = dit.tokenize(list(colours))
+    model = tiny_text_model(caption_dropout_prob=0.0)
+    diffusion = dit.GaussianDiffusion(schedule="cosine", prediction="x0", learn_sigma=False)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(50):
+        loss = diffusion.training_losses(model, x0, torch.randint(900, 1000, (4,)), captions)["loss"].mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-10:]) < 0.1 * sum(losses[:10]) and sum(losses[-10:]) / 10 < 0.1
+    with torch.no_grad():
+        pred = model.eval()(torch.randn(4, 3, 8, 8), torch.full((4,), 999), captions)  # (4, 3, 8, 8)
+    torch.testing.assert_close(pred.mean(dim=(2, 3)), x0[:, :, 0, 0], atol=0.5, rtol=0)
