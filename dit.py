@@ -43,7 +43,8 @@ CONDITIONINGS = ("adaln-zero", "adaln", "cross-attn", "in-context")
 # Attention: softmax(Q K^T / sqrt(d)) V, three ways
 # -----------------------------------------------------------------------------
 
-# First how backend "auto" decides whether our Triton kernel may run a shape, then attention().
+# First how backend "auto" decides whether our Triton kernel may run a shape, then the mask that
+# per-sample key lengths become for SDPA and "math", then attention().
 
 def _flash_attention():
     """Our FlashAttention kernel (flash_attn_triton.py), imported on first use: Triton is optional."""
@@ -75,55 +76,100 @@ def _triton_imports():
         return False
 
 
-def _triton_runs(q, k, v):
+def _triton_attention(q, k, v, key_lengths=None):
+    """Our kernel, handed key lengths only when there are some (plain calls stay flash_attention(q, k, v))."""
+    if key_lengths is None:
+        return _flash_attention()(q, k, v)
+    return _flash_attention()(q, k, v, key_lengths=key_lengths)
+
+
+def _triton_runs(q, k, v, key_lengths=None):
     """One trial of the kernel on copies of q, k, v: the forward, and the backward when gradients
     will be needed, since the backward kernels compile (and can fail) separately. The trial's own
     graph keeps its tensors plainly, out of reach of gradient checkpointing's saved-tensor hooks."""
     try:
         with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
             q, k, v = (t.detach().requires_grad_(t.requires_grad) for t in (q, k, v))
-            out = _flash_attention()(q, k, v)
+            out = _triton_attention(q, k, v, key_lengths)
             if out.requires_grad:
                 out.sum().backward()
         return True
     except torch.cuda.OutOfMemoryError:  # a full GPU is not a broken kernel: the caller sees it
         raise
     except Exception as err:
+        masked = "" if key_lengths is None else " with key lengths"
         warnings.warn(f"attention 'auto': the Triton kernel failed for q {tuple(q.shape)}, k/v "
-                      f"{tuple(k.shape)}, {q.dtype} ({type(err).__name__}: {err}); SDPA computes "
+                      f"{tuple(k.shape)}{masked}, {q.dtype} ({type(err).__name__}: {err}); SDPA computes "
                       "this shape instead", stacklevel=4)
         return False
 
 
-def _auto_uses_triton(q, k, v):
+def _auto_uses_triton(q, k, v, key_lengths=None):
     """Backend "auto" uses our kernel on a GPU unless Triton cannot be imported, or the kernel
     fails to compile or launch for this shape. Each failure warns once, naming the error, and
     SDPA takes over that shape for the rest of the process: a kernel problem costs speed, not
-    the run. An explicit backend="triton" raises instead."""
+    the run. An explicit backend="triton" raises instead. With key lengths the kernel is
+    compiled apart, so it is tried apart."""
     if not _on_gpu(q):
         return False
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    key = (tuple(q.shape), tuple(k.shape), q.dtype, needs_grad)
+    key = (tuple(q.shape), tuple(k.shape), q.dtype, needs_grad, key_lengths is not None)
     if key not in _triton_works:
-        _triton_works[key] = _triton_imports() and _triton_runs(q, k, v)
+        if key_lengths is not None:  # a bad length is the caller's error, not a kernel failure
+            _check_key_lengths(key_lengths, q, k)
+        _triton_works[key] = _triton_imports() and _triton_runs(q, k, v, key_lengths)
     return _triton_works[key]
 
 
-def attention(q, k, v, backend="auto"):
+def _check_key_lengths(key_lengths, q, k):
+    """Per-sample key lengths: an integer tensor (B,) on q's device, each length in [1, M]."""
+    B, M = q.shape[0], k.shape[2]
+    integers = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+    if not isinstance(key_lengths, torch.Tensor) or key_lengths.dtype not in integers:
+        what = key_lengths.dtype if isinstance(key_lengths, torch.Tensor) else type(key_lengths).__name__
+        raise ValueError(f"key_lengths must be an integer tensor, not {what}")
+    if key_lengths.shape != (B,):
+        raise ValueError(f"key_lengths must have shape (B,) = ({B},), one length per sample; "
+                         f"got {tuple(key_lengths.shape)}")
+    if key_lengths.device != q.device:
+        raise ValueError(f"key_lengths must be on q's device {q.device}, not {key_lengths.device}")
+    if B > 0:
+        shortest, longest = torch.stack(torch.aminmax(key_lengths)).tolist()
+        if shortest < 1 or longest > M:
+            raise ValueError(f"key_lengths must be in [1, M] = [1, {M}]; got values in [{shortest}, "
+                             f"{longest}] (a length of 0 masks every key: that softmax row is 0 / 0 = NaN)")
+
+
+def _key_padding_mask(key_lengths, q, k):
+    """What SDPA and "math" take for key lengths: a boolean mask, True where a key is attended to."""
+    _check_key_lengths(key_lengths, q, k)
+    positions = torch.arange(k.shape[2], device=k.device)        # (M,)
+    return (positions < key_lengths[:, None])[:, None, None, :]  # (B, 1, 1, M), broadcast over H, N
+
+
+def attention(q, k, v, backend="auto", key_lengths=None):
     """Non-causal multi-head attention: q (B, H, N, D) attends to k, v (B, H, M, D), M keys
     (M = N in self-attention, M = 2 in cross-attention to t and y); returns (B, H, N, D).
-    "auto" is our Triton kernel on a GPU and SDPA elsewhere (see _auto_uses_triton above)."""
+    "auto" is our Triton kernel on a GPU and SDPA elsewhere (see _auto_uses_triton above).
+    key_lengths (B,), optional: sample b attends to its first key_lengths[b] keys only, the rest
+    being padding (captions of different lengths in one batch); each in [1, M]."""
     if backend == "auto":
-        backend = "triton" if _auto_uses_triton(q, k, v) else "sdpa"
+        backend = "triton" if _auto_uses_triton(q, k, v, key_lengths) else "sdpa"
+    # The kernel takes the lengths themselves and checks them; the other two take a mask.
+    mask = None
+    if key_lengths is not None and backend != "triton":
+        mask = _key_padding_mask(key_lengths, q, k)  # (B, 1, 1, M)
     if backend == "math":
         # Written out for readers: the (N, M) score matrix is materialised, which is exactly
         # what FlashAttention avoids. Softmax in fp32 keeps bf16/fp16 runs stable.
         scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, H, N, M)
+        if mask is not None:  # padding keys score -inf: exp(-inf) = 0, no weight
+            scores = scores.masked_fill(~mask, float("-inf"))
         return scores.float().softmax(dim=-1).to(v.dtype) @ v     # (B, H, N, D)
     if backend == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if backend == "triton":
-        return _flash_attention()(q, k, v)
+        return _triton_attention(q, k, v, key_lengths)
     raise ValueError(f"unknown attention backend {backend!r}; choose from {ATTENTION_BACKENDS}")
 
 
@@ -138,11 +184,13 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x):
+    def forward(self, x, key_lengths=None):
+        """key_lengths (B,), optional: tokens past a sample's length are padding, attended to by none
+        (their own outputs are computed all the same)."""
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads)  # (B, N, 3, H, D)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                         # 3 x (B, H, N, D)
-        x = attention(q, k, v, self.backend)                                   # (B, H, N, D)
+        x = attention(q, k, v, self.backend, key_lengths)                      # (B, H, N, D)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))                   # (B, N, C)
 
 
@@ -158,12 +206,13 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, context):
+    def forward(self, x, context, key_lengths=None):
+        """key_lengths (B,), optional: context tokens past a sample's length are padding: no weight."""
         (B, N, C), M, H = x.shape, context.shape[1], self.num_heads
         q = self.q(x).reshape(B, N, H, C // H).transpose(1, 2)                       # (B, H, N, D)
         kv = self.kv(context).reshape(B, M, 2, H, C // H)                            # (B, M, 2, H, D)
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)                                  # 2 x (B, H, M, D)
-        x = attention(q, k, v, self.backend)                                         # (B, H, N, D)
+        x = attention(q, k, v, self.backend, key_lengths)                            # (B, H, N, D)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))                         # (B, N, C)
 
 

@@ -82,6 +82,17 @@ stores skip them. Keys past N_kv get the score -inf, hence no weight. Query rows
 are computed on zeros and never stored. Each kernel explains at the spot why no other
 guard is needed.
 
+Per-sample key lengths
+----------------------
+Captions in a batch differ in length, so text conditioning pads them to one N_kv and gives
+each sample b its own number of real keys, key_lengths[b]. That is the ragged tail again,
+with the end read from memory instead of N_kv: each program loads its sample's length and
+uses it wherever the tail logic used N_kv, so keys at positions >= key_lengths[b] are never
+read, get no weight in the forward pass and no gradient in the backward (their dK and dV
+rows are stored as exact zeros). Key blocks entirely past the length are skipped. Whether
+lengths are given is a compile-time flag (HAS_KEY_LENGTHS): without them the kernels
+compile to exactly the code they had before the feature, so the image path pays nothing.
+
 Two worlds, one source
 ----------------------
 On a CUDA GPU the kernels are compiled and autotuned (block sizes, warps, pipeline
@@ -100,6 +111,8 @@ Usage and benchmark
     from flash_attn_triton import flash_attention
     o = flash_attention(q, k, v)      # q (B, H, N_q, D); k, v (B, H, N_kv, D); o like q
                                       # same meaning as F.scaled_dot_product_attention
+    o = flash_attention(q, k, v, key_lengths=lengths)   # lengths (B,): sample b attends
+                                                        # to its first lengths[b] keys only
 
     python assets/benchmark_attention.py    # on a CUDA machine: TFLOP/s against PyTorch's
                                             # SDPA backends; writes assets/attention_benchmark.md
@@ -185,6 +198,20 @@ def _split_program_id(N, H, BLOCK: tl.constexpr):
     return off_b, off_h, pid_bh.to(tl.int64), pid_blk
 
 
+@triton.jit
+def _num_keys(KEY_LENGTHS, off_b, N_KV, HAS_KEY_LENGTHS: tl.constexpr):
+    """Number of real keys of batch entry off_b: key_lengths[off_b], or all N_KV without lengths.
+
+    Every kernel uses it in place of N_KV wherever keys end. HAS_KEY_LENGTHS is a constexpr, so
+    without lengths the branch disappears at compile time and nothing is loaded.
+    """
+    if HAS_KEY_LENGTHS:
+        n_keys = tl.load(KEY_LENGTHS + off_b)  # in [1, N_KV], checked on the host
+    else:
+        n_keys = N_KV
+    return n_keys
+
+
 # ---------------------------------------------------------------------------------------
 # Forward kernel
 # ---------------------------------------------------------------------------------------
@@ -195,6 +222,7 @@ def _attn_fwd_kernel(
     Q, K, V,  # inputs: Q (B, H, N_Q, D), K and V (B, H, N_KV, D), arbitrary strides
     O,  # output (B, H, N_Q, D)
     LSE,  # output, contiguous fp32 (B, H, N_Q): base-2 logsumexp of each query row
+    KEY_LENGTHS,  # contiguous int32 (B,): real keys per sample; None when HAS_KEY_LENGTHS is off
     stride_qb, stride_qh, stride_qn, stride_qd,  # strides of Q, in elements
     stride_kb, stride_kh, stride_kn, stride_kd,  # strides of K
     stride_vb, stride_vh, stride_vn, stride_vd,  # strides of V
@@ -207,6 +235,7 @@ def _attn_fwd_kernel(
     BLOCK_N: tl.constexpr,  # keys processed per loop iteration
     BLOCK_D: tl.constexpr,  # next_power_of_2(D), at least 16 (tl.dot's minimum)
     DOT_PRECISION: tl.constexpr,  # "tf32" or "ieee", used only for fp32 operands
+    HAS_KEY_LENGTHS: tl.constexpr,  # read KEY_LENGTHS, or let every sample attend to all N_KV keys
 ):
     off_b, off_h, pid_bh, pid_m = _split_program_id(N_Q, H, BLOCK_M)
     q_base = Q + off_b * stride_qb + off_h * stride_qh
@@ -217,6 +246,10 @@ def _attn_fwd_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) query rows of this program
     offs_n = tl.arange(0, BLOCK_N)  # (BLOCK_N,) key rows within one key block
     offs_d = tl.arange(0, BLOCK_D)  # (BLOCK_D,) head-dim columns, padded
+    # This sample's keys end at n_keys <= N_KV: below, n_keys plays the part N_KV plays in the
+    # ragged tail, so the keys past it are neither loaded nor weighted, and the loop stops at
+    # the last block that holds a real key.
+    n_keys = _num_keys(KEY_LENGTHS, off_b, N_KV, HAS_KEY_LENGTHS)
 
     # Scale and log2(e) are applied to the fp32 scores rather than folded into Q: rounding
     # a pre-scaled Q back to fp16/bf16 would add an error the reference does not have.
@@ -230,20 +263,21 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(s - m_i)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # running unnormalised output
 
-    for start_n in range(0, N_KV, BLOCK_N):
+    for start_n in range(0, n_keys, BLOCK_N):
         offs_kv = start_n + offs_n  # (BLOCK_N,)
-        k = _load_tile(k_base, offs_kv, offs_d, stride_kn, stride_kd, N_KV, D)  # (BLOCK_N, BLOCK_D)
-        v = _load_tile(v_base, offs_kv, offs_d, stride_vn, stride_vd, N_KV, D)  # (BLOCK_N, BLOCK_D)
+        k = _load_tile(k_base, offs_kv, offs_d, stride_kn, stride_kd, n_keys, D)  # (BLOCK_N, BLOCK_D)
+        v = _load_tile(v_base, offs_kv, offs_d, stride_vn, stride_vd, n_keys, D)  # (BLOCK_N, BLOCK_D)
 
         s = _mma(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_PRECISION)
         s = s * qk_scale  # (BLOCK_M, BLOCK_N)
-        # Keys past the end of the sequence (zero-filled by the load) must get no weight:
-        # a -inf score becomes exp2(-inf) = 0 below, and cannot raise the row max.
-        s = tl.where((offs_kv < N_KV)[None, :], s, float("-inf"))
+        # Keys past the end of the sequence, or of this sample's keys (zero-filled by the
+        # load), must get no weight: a -inf score becomes exp2(-inf) = 0 below, and cannot
+        # raise the row max.
+        s = tl.where((offs_kv < n_keys)[None, :], s, float("-inf"))
 
-        # Every block starts at a real key (start_n < N_KV), so m_new is finite from the
-        # first block on and s - m_new never meets (-inf) - (-inf). Before the first block
-        # m_i = -inf gives alpha = exp2(-inf) = 0, which multiplies l_i = acc = 0.
+        # Every block starts at a real key (start_n < n_keys, and n_keys >= 1), so m_new is
+        # finite from the first block on and s - m_new never meets (-inf) - (-inf). Before
+        # the first block m_i = -inf gives alpha = exp2(-inf) = 0, which multiplies l_i = acc = 0.
         m_new = tl.maximum(m_i, tl.max(s, axis=1))  # (BLOCK_M,)
         alpha = tl.math.exp2(m_i - m_new)  # (BLOCK_M,) rescales the old l_i and acc
         p = tl.math.exp2(s - m_new[:, None])  # (BLOCK_M, BLOCK_N), every entry in [0, 1]
@@ -298,6 +332,7 @@ def _attn_bwd_dkdv_kernel(
     Q, K, V, DO,  # inputs: Q and dO (B, H, N_Q, D), K and V (B, H, N_KV, D), any strides
     DK, DV,  # outputs, (B, H, N_KV, D); allocated together, so they share one set of strides
     LSE, DELTA,  # contiguous fp32 (B, H, N_Q): base-2 logsumexp and rowsum(dO * O)
+    KEY_LENGTHS,  # contiguous int32 (B,): real keys per sample; None when HAS_KEY_LENGTHS is off
     stride_qb, stride_qh, stride_qn, stride_qd,  # strides of Q
     stride_kb, stride_kh, stride_kn, stride_kd,  # strides of K
     stride_vb, stride_vh, stride_vn, stride_vd,  # strides of V
@@ -309,6 +344,7 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_N: tl.constexpr,  # keys owned by one program
     BLOCK_D: tl.constexpr,  # padded head dim
     DOT_PRECISION: tl.constexpr,  # "tf32" or "ieee" for fp32 operands
+    HAS_KEY_LENGTHS: tl.constexpr,  # read KEY_LENGTHS, or let every sample attend to all N_KV keys
 ):
     off_b, off_h, pid_bh, pid_n = _split_program_id(N_KV, H, BLOCK_N)
     q_base = Q + off_b * stride_qb + off_h * stride_qh
@@ -322,15 +358,23 @@ def _attn_bwd_dkdv_kernel(
     qk_scale = sm_scale * LOG2E
 
     # Keys past N_KV are zero rows; their dK/dV rows are computed but never stored, and
-    # keys do not interact with each other here, so they need no other masking.
+    # keys do not interact with each other here, so they need no other masking. Keys past
+    # this sample's n_keys (but before N_KV) are zero rows too, never read, but their rows
+    # are stored: they must come out exactly zero, which P = 0 below ensures.
+    n_keys = _num_keys(KEY_LENGTHS, off_b, N_KV, HAS_KEY_LENGTHS)
     k = _load_tile(K + off_b * stride_kb + off_h * stride_kh,
-                   offs_n, offs_d, stride_kn, stride_kd, N_KV, D)  # (BLOCK_N, BLOCK_D)
+                   offs_n, offs_d, stride_kn, stride_kd, n_keys, D)  # (BLOCK_N, BLOCK_D)
     v = _load_tile(V + off_b * stride_vb + off_h * stride_vh,
-                   offs_n, offs_d, stride_vn, stride_vd, N_KV, D)  # (BLOCK_N, BLOCK_D)
+                   offs_n, offs_d, stride_vn, stride_vd, n_keys, D)  # (BLOCK_N, BLOCK_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
-    for start_m in range(0, N_Q, BLOCK_M):
+    # A key block entirely past the sample's length gets no weight from any query: the loop
+    # over queries is skipped and its dK, dV rows are stored as the zeros above.
+    q_end = N_Q
+    if HAS_KEY_LENGTHS:
+        q_end = tl.where(pid_n * BLOCK_N < n_keys, N_Q, 0)
+    for start_m in range(0, q_end, BLOCK_M):
         offs_m = start_m + offs_m0  # (BLOCK_M,)
         q = _load_tile(q_base, offs_m, offs_d, stride_qn, stride_qd, N_Q, D)  # (BLOCK_M, BLOCK_D)
         do = _load_tile(do_base, offs_m, offs_d, stride_don, stride_dod, N_Q, D)  # (BLOCK_M, BLOCK_D)
@@ -345,6 +389,12 @@ def _attn_bwd_dkdv_kernel(
         s_t = _mma(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), DOT_PRECISION)
         # P recomputed from the saved logsumexp: already normalised, no max or sum needed.
         p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])  # (BLOCK_N, BLOCK_M)
+        if HAS_KEY_LENGTHS:
+            # Keys past the sample's length had no weight in the forward pass. Their zero rows
+            # score 0, and exp2(0 - lse) is not 0 (it may even overflow): set P = 0 exactly,
+            # so dV = P^T dO and dS = P * (dP - delta) vanish on those rows (dP is finite: V
+            # is zero there).
+            p_t = tl.where((offs_n < n_keys)[:, None], p_t, 0.0)
 
         dv = _mma(p_t.to(do.dtype), do, dv, DOT_PRECISION)  # (BLOCK_N, BLOCK_D)
         dp_t = _mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), DOT_PRECISION)
@@ -362,6 +412,7 @@ def _attn_bwd_dq_kernel(
     Q, K, V, DO,  # inputs: Q and dO (B, H, N_Q, D), K and V (B, H, N_KV, D), any strides
     DQ,  # output, (B, H, N_Q, D)
     LSE, DELTA,  # contiguous fp32 (B, H, N_Q)
+    KEY_LENGTHS,  # contiguous int32 (B,): real keys per sample; None when HAS_KEY_LENGTHS is off
     stride_qb, stride_qh, stride_qn, stride_qd,  # strides of Q
     stride_kb, stride_kh, stride_kn, stride_kd,  # strides of K
     stride_vb, stride_vh, stride_vn, stride_vd,  # strides of V
@@ -373,6 +424,7 @@ def _attn_bwd_dq_kernel(
     BLOCK_N: tl.constexpr,  # keys processed per loop iteration
     BLOCK_D: tl.constexpr,  # padded head dim
     DOT_PRECISION: tl.constexpr,  # "tf32" or "ieee" for fp32 operands
+    HAS_KEY_LENGTHS: tl.constexpr,  # read KEY_LENGTHS, or let every sample attend to all N_KV keys
 ):
     off_b, off_h, pid_bh, pid_m = _split_program_id(N_Q, H, BLOCK_M)
     k_base = K + off_b * stride_kb + off_h * stride_kh
@@ -392,17 +444,20 @@ def _attn_bwd_dq_kernel(
     lse = tl.load(LSE + pid_bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)  # (BLOCK_M,)
     delta = tl.load(DELTA + pid_bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)  # (BLOCK_M,)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # As in the forward pass, this sample's keys end at n_keys: the loop, the loads and the
+    # mask below stop there.
+    n_keys = _num_keys(KEY_LENGTHS, off_b, N_KV, HAS_KEY_LENGTHS)
 
-    for start_n in range(0, N_KV, BLOCK_N):
+    for start_n in range(0, n_keys, BLOCK_N):
         offs_n = start_n + offs_n0  # (BLOCK_N,)
-        k = _load_tile(k_base, offs_n, offs_d, stride_kn, stride_kd, N_KV, D)  # (BLOCK_N, BLOCK_D)
-        v = _load_tile(v_base, offs_n, offs_d, stride_vn, stride_vd, N_KV, D)  # (BLOCK_N, BLOCK_D)
+        k = _load_tile(k_base, offs_n, offs_d, stride_kn, stride_kd, n_keys, D)  # (BLOCK_N, BLOCK_D)
+        v = _load_tile(v_base, offs_n, offs_d, stride_vn, stride_vd, n_keys, D)  # (BLOCK_N, BLOCK_D)
 
         s = _mma(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_PRECISION)
-        # Keys past N_KV get score -inf, hence P = 0, exactly as in the forward pass. Unlike
+        # Keys past n_keys get score -inf, hence P = 0, exactly as in the forward pass. Unlike
         # the padded queries above this mask matters: a zero key scores 0, and exp2(0 - lse)
         # can overflow when every real score is very negative, making inf * 0 = NaN in dS K.
-        s = tl.where((offs_n < N_KV)[None, :], s * qk_scale, float("-inf"))  # (BLOCK_M, BLOCK_N)
+        s = tl.where((offs_n < n_keys)[None, :], s * qk_scale, float("-inf"))  # (BLOCK_M, BLOCK_N)
         p = tl.math.exp2(s - lse[:, None])  # (BLOCK_M, BLOCK_N)
         dp = _mma(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_PRECISION)
         ds = p * (dp - delta[:, None])  # (BLOCK_M, BLOCK_N)
@@ -446,10 +501,11 @@ def _prune_by_length(configs, named_args, **kwargs):
 
 
 def _autotuned(kernel, configs):
-    # Keyed on the lengths and D (the autotuner adds the tensors' dtypes to the key by itself).
+    # Keyed on the lengths and D (the autotuner adds the tensors' dtypes to the key by itself),
+    # and on HAS_KEY_LENGTHS, since with and without lengths are two compiled kernels.
     # Every kernel writes its outputs without reading them, so benchmarking a config
     # several times cannot corrupt the result and no reset_to_zero is needed.
-    return triton.autotune(configs=configs, key=["N_Q", "N_KV", "D"],
+    return triton.autotune(configs=configs, key=["N_Q", "N_KV", "D", "HAS_KEY_LENGTHS"],
                            prune_configs_by={"early_config_prune": _prune_by_length})(kernel)
 
 
@@ -481,12 +537,14 @@ def _launch(name, plain, tuned, grid, *args, **meta):
         tuned[grid](*args, **meta)
 
 
-def _kernel_meta(q):
-    """Compile-time arguments shared by all kernels."""
+def _kernel_meta(q, key_lengths):
+    """Compile-time arguments shared by the attention kernels."""
     # fp32 inputs follow PyTorch's own switch for TF32 matmuls.
     fp32_exact = q.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
     return {"BLOCK_D": max(16, triton.next_power_of_2(q.shape[-1])),
-            "DOT_PRECISION": "ieee" if fp32_exact else "tf32"}
+            "DOT_PRECISION": "ieee" if fp32_exact else "tf32",
+            # Without lengths, KEY_LENGTHS is None and the kernels compile as if it did not exist.
+            "HAS_KEY_LENGTHS": key_lengths is not None}
 
 
 def _device_guard(t):
@@ -496,26 +554,29 @@ def _device_guard(t):
     return contextlib.nullcontext()
 
 
-def _flash_attn_forward(q, k, v, sm_scale):
-    """Returns o (B, H, N_q, D) in q's dtype and lse (B, H, N_q) fp32, base-2 logsumexp."""
+def _flash_attn_forward(q, k, v, sm_scale, key_lengths=None):
+    """Returns o (B, H, N_q, D) in q's dtype and lse (B, H, N_q) fp32, base-2 logsumexp.
+    key_lengths: None, or contiguous int32 (B,) with every entry in [1, N_kv] (checked by
+    flash_attention)."""
     B, H, N_q, D = q.shape
     N_kv = k.shape[2]
     o = torch.empty((B, H, N_q, D), dtype=q.dtype, device=q.device)  # (B, H, N_q, D)
     lse = torch.empty((B, H, N_q), dtype=torch.float32, device=q.device)  # (B, H, N_q)
     if o.numel() == 0:
         return o, lse
-    meta = _kernel_meta(q)
+    meta = _kernel_meta(q, key_lengths)
     grid = lambda META: (triton.cdiv(N_q, META["BLOCK_M"]) * B * H,)  # noqa: E731
     with _device_guard(q):
         _launch("fwd", _attn_fwd_kernel, _attn_fwd_tuned, grid,
-                q, k, v, o, lse,
+                q, k, v, o, lse, key_lengths,
                 *q.stride(), *k.stride(), *v.stride(), *o.stride(),
                 H, N_q, N_kv, D, sm_scale, **meta)
     return o, lse
 
 
-def _flash_attn_backward(do, q, k, v, o, lse, sm_scale):
-    """Returns dq (B, H, N_q, D) and dk, dv (B, H, N_kv, D), contiguous, in q's dtype."""
+def _flash_attn_backward(do, q, k, v, o, lse, sm_scale, key_lengths=None):
+    """Returns dq (B, H, N_q, D) and dk, dv (B, H, N_kv, D), contiguous, in q's dtype.
+    Keys past key_lengths (as in the forward) get dk = dv = 0."""
     B, H, N_q, D = q.shape
     N_kv = k.shape[2]
     dq = torch.empty((B, H, N_q, D), dtype=q.dtype, device=q.device)  # (B, H, N_q, D)
@@ -524,20 +585,20 @@ def _flash_attn_backward(do, q, k, v, o, lse, sm_scale):
     if dq.numel() == 0:  # no queries (or no batch, heads, head dim): nothing flows back
         return dq, dk.zero_(), dv.zero_()
     delta = torch.empty((B, H, N_q), dtype=torch.float32, device=q.device)  # (B, H, N_q)
-    meta = _kernel_meta(q)
+    meta = _kernel_meta(q, key_lengths)
     with _device_guard(q):
         _attn_bwd_preprocess_kernel[(triton.cdiv(N_q, _PREPROCESS_BLOCK_M) * B * H,)](
             o, do, delta, *o.stride(), *do.stride(), H, N_q, D,
-            BLOCK_M=_PREPROCESS_BLOCK_M, BLOCK_D=meta["BLOCK_D"])
+            BLOCK_M=_PREPROCESS_BLOCK_M, BLOCK_D=meta["BLOCK_D"])  # delta needs no key lengths
         # The two kernels are independent given delta; each writes its outputs alone.
         _launch("dkdv", _attn_bwd_dkdv_kernel, _attn_bwd_dkdv_tuned,
                 lambda META: (triton.cdiv(N_kv, META["BLOCK_N"]) * B * H,),
-                q, k, v, do, dk, dv, lse, delta,
+                q, k, v, do, dk, dv, lse, delta, key_lengths,
                 *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
                 H, N_q, N_kv, D, sm_scale, **meta)
         _launch("dq", _attn_bwd_dq_kernel, _attn_bwd_dq_tuned,
                 lambda META: (triton.cdiv(N_q, META["BLOCK_M"]) * B * H,),
-                q, k, v, do, dq, lse, delta,
+                q, k, v, do, dq, lse, delta, key_lengths,
                 *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
                 H, N_q, N_kv, D, sm_scale, **meta)
     return dq, dk, dv
@@ -548,28 +609,55 @@ def _flash_attn_backward(do, q, k, v, o, lse, sm_scale):
 # ---------------------------------------------------------------------------------------
 
 
+_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _checked_key_lengths(key_lengths, q, k):
+    """key_lengths as the kernels read it (contiguous int32 (B,)), after checking it up front:
+    a wrong length would not fail in the kernel, it would silently read or drop keys."""
+    B, N_kv = q.shape[0], k.shape[2]
+    if not isinstance(key_lengths, torch.Tensor) or key_lengths.dtype not in _INTEGER_DTYPES:
+        what = key_lengths.dtype if isinstance(key_lengths, torch.Tensor) else type(key_lengths).__name__
+        raise ValueError(f"key_lengths must be an integer tensor, not {what}")
+    if key_lengths.shape != (B,):
+        raise ValueError(f"key_lengths must have shape (B,) = ({B},), one length per sample; "
+                         f"got {tuple(key_lengths.shape)}")
+    if key_lengths.device != q.device:
+        raise ValueError(f"key_lengths must be on q's device {q.device}, not {key_lengths.device}")
+    if B > 0:
+        # One device-to-host copy (a sync on a GPU): the price of an error here rather than
+        # a silent one in the kernel.
+        shortest, longest = torch.stack(torch.aminmax(key_lengths)).tolist()
+        if shortest < 1 or longest > N_kv:
+            raise ValueError(f"key_lengths must be in [1, N_kv] = [1, {N_kv}]; got values in "
+                             f"[{shortest}, {longest}] (a length of 0 masks every key: that "
+                             "softmax row is 0 / 0 = NaN)")
+    return key_lengths.to(torch.int32).contiguous()
+
+
 class FlashAttentionFunction(torch.autograd.Function):
     """Saves q, k, v, o and the (B, H, N_q) logsumexp: O(N_q) extra memory instead of O(N_q N_kv)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, sm_scale):
-        o, lse = _flash_attn_forward(q, k, v, sm_scale)
-        ctx.save_for_backward(q, k, v, o, lse)
+    def forward(ctx, q, k, v, sm_scale, key_lengths):
+        o, lse = _flash_attn_forward(q, k, v, sm_scale, key_lengths)
+        ctx.save_for_backward(q, k, v, o, lse, key_lengths)  # None is allowed here, and comes back
         ctx.sm_scale = sm_scale
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _flash_attn_backward(do, q, k, v, o, lse, ctx.sm_scale)
-        return dq, dk, dv, None
+        q, k, v, o, lse, key_lengths = ctx.saved_tensors
+        dq, dk, dv = _flash_attn_backward(do, q, k, v, o, lse, ctx.sm_scale, key_lengths)
+        return dq, dk, dv, None, None  # no gradient for the scale or the integer lengths
 
 
-def flash_attention(q, k, v, scale=None):
+def flash_attention(q, k, v, scale=None, key_lengths=None):
     """softmax(q k^T * scale) v without materialising the attention matrix.
 
     Same meaning as ``torch.nn.functional.scaled_dot_product_attention(q, k, v,
-    scale=scale)`` without mask, dropout or causality.
+    scale=scale)`` without dropout or causality; with key_lengths, as SDPA with the boolean
+    attn_mask ``arange(N_kv) < key_lengths[:, None, None, None]`` (True = attend).
 
     Args:
         q: (B, H, N_q, D) queries.
@@ -578,6 +666,10 @@ def flash_attention(q, k, v, scale=None):
             any strides (e.g. views of a fused qkv projection). CUDA tensors, or any device
             when TRITON_INTERPRET=1 (slow, for testing).
         scale: softmax scale; defaults to D ** -0.5.
+        key_lengths: None (every query attends to all N_kv keys), or an integer tensor (B,)
+            on q's device: every query of sample b attends to its keys 0 .. key_lengths[b] - 1
+            only (padded captions). Each length in [1, N_kv]. Keys past a length are never
+            read, so their values do not matter, and their gradients are exactly zero.
 
     Returns:
         (B, H, N_q, D) tensor in q's dtype. Differentiable with respect to q, k and v.
@@ -602,5 +694,7 @@ def flash_attention(q, k, v, scale=None):
     if not q.is_cuda and not _INTERPRET:
         raise RuntimeError("flash_attention needs CUDA tensors (or TRITON_INTERPRET=1 set before "
                            "importing this module, to run the kernels on the CPU interpreter)")
+    if key_lengths is not None:
+        key_lengths = _checked_key_lengths(key_lengths, q, k)  # (B,) int32
     sm_scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    return FlashAttentionFunction.apply(q, k, v, sm_scale)
+    return FlashAttentionFunction.apply(q, k, v, sm_scale, key_lengths)
