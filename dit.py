@@ -133,7 +133,7 @@ def _check_key_lengths(key_lengths, q, k):
                          f"got {tuple(key_lengths.shape)}")
     if key_lengths.device != q.device:
         raise ValueError(f"key_lengths must be on q's device {q.device}, not {key_lengths.device}")
-    if B > 0:
+    if B > 0 and not key_lengths.is_meta:  # the meta device (counting FLOPs) has no values to check
         shortest, longest = torch.stack(torch.aminmax(key_lengths)).tolist()
         if shortest < 1 or longest > M:
             raise ValueError(f"key_lengths must be in [1, M] = [1, {M}]; got values in [{shortest}, "
