@@ -222,8 +222,9 @@ def _read_metadata(root, max_caption_bytes):
         if size > max_caption_bytes:
             raise DatasetError(f"{where}: the caption is {size} bytes in UTF-8, over the limit of "
                                f"{max_caption_bytes}; shorten it")
-        colour, shape = item.get("colour"), item.get("shape")
-        entries.append((path, text, (colour, shape) if isinstance(colour, str) and isinstance(shape, str) else None))
+        colour, shape = item.get("colour"), item.get("shape")  # only the built-in set names them
+        pair = (colour, shape) if isinstance(colour, str) and isinstance(shape, str) else None
+        entries.append((path, text, pair))
     return entries
 
 

@@ -569,11 +569,16 @@ def tokenize(captions, max_bytes=MAX_CAPTION_BYTES):
     Raises ValueError for a caption of more than max_bytes bytes."""
     if isinstance(captions, str):
         raise TypeError("tokenize takes a list of captions, not one string")
-    encoded = [caption.encode("utf-8") for caption in captions]
-    for caption, data in zip(captions, encoded):
+    encoded = []
+    for caption in captions:
+        shown = caption if len(caption) <= 40 else caption[:37] + "..."
+        try:
+            data = caption.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate, e.g. from a command line in another encoding
+            raise ValueError(f"caption {shown!r} is not valid Unicode text") from None
         if len(data) > max_bytes:
-            shown = caption if len(caption) <= 40 else caption[:37] + "..."
             raise ValueError(f"caption {shown!r} is {len(data)} bytes in UTF-8, over the limit of {max_bytes}")
+        encoded.append(data)
     tokens = empty_captions(len(encoded), 1 + max(map(len, encoded), default=0))  # (N, L)
     for row, data in enumerate(encoded):
         tokens[row, 1:1 + len(data)] = torch.tensor(list(data), dtype=torch.long)

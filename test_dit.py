@@ -2107,6 +2107,8 @@ def test_tokenizer_is_utf8_bytes_after_bos():
         dit.tokenize(["♥" * 22])                                     # 22 characters, 3 bytes each
     with pytest.raises(ValueError, match="is 9 bytes in UTF-8, over the limit of 8"):
         dit.tokenize(["ok", "too long!"], max_bytes=8)
+    with pytest.raises(ValueError, match=r"caption 'a \\udcff star' is not valid Unicode text"):
+        dit.tokenize(["a \udcff star"])                              # a byte Python could not decode
     with pytest.raises(TypeError, match="a list of captions, not one string"):
         dit.tokenize("a red star")
 
