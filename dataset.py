@@ -13,14 +13,26 @@ into (image, label) pairs scaled to [-1, 1], the range the diffusion noise
 lives in. The built-in data set, eight procedurally drawn shapes, trains on a
 laptop CPU in minutes, and its generator is an example of the layout.
 
+A text-conditioned model needs a caption per image instead. It reads them from
+`root/metadata.jsonl` (the Hugging Face "imagefolder" convention), one JSON
+object per line, the file name relative to root (class folders optional):
+
+    {"file_name": "star/0000.png", "text": "a red star"}
+
+`CaptionFolder` turns that into (image, caption tokens) pairs. The built-in set
+writes one, naming each image's colour and shape too, so that the pairs in
+TEXT_HOLDOUT can be kept out of training and then asked for.
+
 Generate the built-in set and print a summary:
 
     python dataset.py [--out DIR]          # DIR defaults to data/shapes
 """
 
 import argparse
+import json
 import math
 import random
+import re
 import shutil
 import time
 import warnings
@@ -29,6 +41,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageOps
 from tqdm import tqdm
+
+import dit
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -82,6 +96,27 @@ def _load_image(path, image_size):
     return pixels.view(image_size, image_size, 3).permute(2, 0, 1)
 
 
+def _decode_images(paths, image_size):
+    """Decode every file once: the uint8 cache (K, 3, S, S), or None past CACHE_LIMIT_BYTES, and
+    the indices of the K readable files (each unreadable one is skipped with one warning)."""
+    # Filled in place: torch.stack of a list would briefly need twice the RAM.
+    fits = len(paths) * 3 * image_size**2 <= CACHE_LIMIT_BYTES
+    cache = torch.empty((len(paths), 3, image_size, image_size), dtype=torch.uint8) if fits else None
+    kept = []
+    for k, path in enumerate(tqdm(paths, desc="loading images", unit="img", disable=len(paths) <= 300)):
+        try:
+            image = _load_image(path, image_size)
+        except Exception as error:  # PIL raises many types for bad files
+            warnings.warn(f"skipping unreadable image '{path}': {error}")
+            continue
+        if cache is not None:
+            cache[len(kept)] = image
+        kept.append(k)
+    if cache is not None:
+        cache = cache[:len(kept)]  # drop skipped files' slots
+    return cache, kept
+
+
 # ----------------------------------------------------------------------------
 # The data set
 # ----------------------------------------------------------------------------
@@ -103,24 +138,9 @@ class ImageFolder(torch.utils.data.Dataset):
         self.root = Path(root)
         self.image_size = image_size
         self.classes, files = _find_images(self.root)
-        # Filled in place: torch.stack of a list would briefly need twice the RAM.
-        fits = len(files) * 3 * image_size**2 <= CACHE_LIMIT_BYTES
-        shape = (len(files), 3, image_size, image_size)
-        self.cache = torch.empty(shape, dtype=torch.uint8) if fits else None
-        self.paths, self.labels = [], []
-        for path, label in tqdm(files, desc="loading images", unit="img",
-                                disable=len(files) <= 300):
-            try:
-                image = _load_image(path, image_size)
-            except Exception as error:  # PIL raises many types for bad files
-                warnings.warn(f"skipping unreadable image '{path}': {error}")
-                continue
-            if self.cache is not None:
-                self.cache[len(self.labels)] = image
-            self.paths.append(path)
-            self.labels.append(label)
-        if self.cache is not None:
-            self.cache = self.cache[:len(self.labels)]  # drop skipped files' slots
+        self.cache, kept = _decode_images([path for path, _ in files], image_size)
+        self.paths = [files[k][0] for k in kept]
+        self.labels = [files[k][1] for k in kept]
         found = set(self.labels)
         for index, name in enumerate(self.classes):
             if index not in found:
@@ -145,6 +165,119 @@ def check_batch_size(dataset, batch_size):
         raise DatasetError(f"the data set has only {len(dataset)} images but the "
                            f"batch size is {batch_size}; use a batch size of at "
                            f"most {len(dataset)} or add more images")
+
+
+# ----------------------------------------------------------------------------
+# Captioned images: metadata.jsonl
+# ----------------------------------------------------------------------------
+
+METADATA = "metadata.jsonl"
+SPLITS = ("train", "holdout", "all")
+_EXAMPLE_LINE = '{"file_name": "cats/0001.png", "text": "a cat"}'
+
+
+def _read_metadata(root, max_caption_bytes):
+    """Parse root/metadata.jsonl into [(image path, caption, (colour, shape) or None)], one per
+    line. The first bad line stops the load with a DatasetError naming the file and the line:
+    a caption the model cannot take is better found now than at step 3000."""
+    meta = root / METADATA
+    if not root.is_dir():
+        problem = "is not a folder" if root.exists() else "does not exist"
+        raise DatasetError(f"data folder '{root}' {problem}; pass the folder that holds {METADATA}")
+    if not meta.is_file():
+        raise DatasetError(f"'{root}' has no {METADATA}; a text run needs one JSON line per image "
+                           f"there, such as {_EXAMPLE_LINE}")
+    top, entries = root.resolve(), []
+    for number, raw in enumerate(meta.read_bytes().splitlines(), start=1):
+        where = f"{meta}:{number}"
+        try:
+            line = raw.decode("utf-8").lstrip("\ufeff")  # a byte-order mark some editors write
+        except UnicodeDecodeError:
+            raise DatasetError(f"{where}: not UTF-8 text") from None
+        if not line.strip():
+            continue  # blank lines, such as a trailing one
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DatasetError(f"{where}: not JSON ({err.msg}); each line is one object such as "
+                               f"{_EXAMPLE_LINE}") from None
+        if not isinstance(item, dict):
+            raise DatasetError(f"{where}: not a JSON object; each line is one object such as {_EXAMPLE_LINE}")
+        name, text = item.get("file_name"), item.get("text")
+        if not isinstance(name, str) or not name:
+            raise DatasetError(f'{where}: "file_name" is missing or empty; give the image\'s path '
+                               f"relative to '{root}'")
+        if not isinstance(text, str) or not text.strip():
+            raise DatasetError(f'{where}: "text" is missing or empty; every image needs a caption '
+                               f"(the empty caption is reserved: it is guidance's null condition)")
+        path = root / name
+        if not path.resolve().is_relative_to(top):
+            raise DatasetError(f"{where}: file_name '{name}' points outside '{root}'")
+        if not path.is_file():
+            raise DatasetError(f"{where}: image '{name}' not found in '{root}'")
+        try:
+            size = len(text.encode("utf-8"))
+        except UnicodeEncodeError:  # JSON can spell a lone surrogate, which is no character
+            raise DatasetError(f"{where}: the caption is not valid Unicode") from None
+        if size > max_caption_bytes:
+            raise DatasetError(f"{where}: the caption is {size} bytes in UTF-8, over the limit of "
+                               f"{max_caption_bytes}; shorten it")
+        colour, shape = item.get("colour"), item.get("shape")  # only the built-in set names them
+        pair = (colour, shape) if isinstance(colour, str) and isinstance(shape, str) else None
+        entries.append((path, text, pair))
+    return entries
+
+
+class CaptionFolder(torch.utils.data.Dataset):
+    """Captioned images as (x, tokens): x float32 (3, S, S) in [-1, 1], tokens int64 (L,), the
+    caption as dit.tokenize writes it, padded to L = 1 + the set's longest caption in bytes, so
+    that the default collate stacks a batch into the (N, L) tensor the text model takes.
+
+    root/metadata.jsonl lists the images (see the module docstring); the files may lie anywhere
+    under root. Images are decoded and cached as in ImageFolder (unreadable ones are skipped with
+    a warning); a bad line of metadata is a DatasetError naming the file and the line.
+
+    split: "train" leaves out every image whose line names a (colour, shape) pair of TEXT_HOLDOUT,
+    whatever its caption says (only the built-in set names them; other data loses nothing);
+    "holdout" keeps only those, the real images an evaluation compares the unseen pairs with;
+    "all" keeps every image.
+    """
+
+    def __init__(self, root, image_size, max_caption_bytes=dit.MAX_CAPTION_BYTES, split="train"):
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; choose from {SPLITS}")
+        self.root = Path(root)
+        self.image_size = image_size
+        meta = self.root / METADATA
+        entries = _read_metadata(self.root, max_caption_bytes)
+        held_out = set(TEXT_HOLDOUT)
+        if split != "all":
+            entries = [e for e in entries if (e[2] in held_out) == (split == "holdout")]
+        if not entries:
+            raise DatasetError({
+                "train": f"every image in '{meta}' is of a held-out pair: nothing is left to train on",
+                "holdout": f"'{meta}' names no image of a held-out pair; only the built-in shapes set "
+                           f"has them",
+                "all": f"'{meta}' lists no images; add one JSON line per image, such as {_EXAMPLE_LINE}",
+            }[split])
+        self.cache, kept = _decode_images([path for path, _, _ in entries], image_size)
+        if not kept:
+            raise DatasetError(f"none of the images listed in '{meta}' is readable "
+                               f"({', '.join(IMAGE_EXTENSIONS)})")
+        self.paths = [entries[k][0] for k in kept]
+        self.captions = [entries[k][1] for k in kept]
+        self.pairs = [entries[k][2] for k in kept]      # (colour, shape), or None
+        self.tokens = dit.tokenize(self.captions, max_caption_bytes)  # (K, L)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        if self.cache is not None:
+            image = self.cache[i]
+        else:
+            image = _load_image(self.paths[i], self.image_size)
+        return image.float() / 127.5 - 1.0, self.tokens[i]
 
 
 # ----------------------------------------------------------------------------
@@ -194,15 +327,48 @@ def _outline(name):
 # paint one flat colour per shape, but a handful of colours is learned in minutes, where a
 # continuum of hues and shades would take capacity away from the outlines.
 PALETTE = ((235, 64, 52), (245, 160, 30), (240, 220, 40), (60, 200, 80), (50, 130, 240), (200, 80, 220))
+COLOUR_NAMES = ("red", "orange", "yellow", "green", "blue", "purple")  # the palette's, in its order
+
+# Pairs a text run never trains on: one per shape, every colour at least once. A model that draws
+# "a blue heart" having seen blue things and hearts, but never a blue heart, composes colour and
+# shape instead of recalling pairs it has seen.
+TEXT_HOLDOUT = (("green", "circle"), ("orange", "cross"), ("blue", "heart"), ("yellow", "moon"),
+                ("purple", "ring"), ("red", "square"), ("orange", "star"), ("blue", "triangle"))
+
+# A few wordings, so that the model learns the words rather than one sentence; a fifth of the
+# captions leave the colour out, so that "a star" means a star of any colour.
+COLOURED_CAPTIONS = ("a {colour} {shape}", "{colour} {shape}", "a {shape} in {colour}",
+                     "a {colour} {shape} on black")
+PLAIN_CAPTIONS = ("a {shape}", "{shape}")
+NO_COLOUR_FRACTION = 0.2
 
 
-def draw_shape(name, image_size, rng):
-    """One random instance of a shape as a PIL image (image_size squared)."""
+def _article(text):
+    """English's "an" before a vowel: "a orange star" -> "an orange star"."""
+    return re.sub(r"\ba (?=[aeiou])", "an ", text)
+
+
+def shape_caption(colour, shape, rng):
+    """A caption for one image of a colour name and a shape name, worded at random."""
+    if rng.random() < NO_COLOUR_FRACTION:
+        return _article(rng.choice(PLAIN_CAPTIONS).format(shape=shape))
+    return _article(rng.choice(COLOURED_CAPTIONS).format(colour=colour, shape=shape))
+
+
+def shape_prompt(shape, colour=None):
+    """The plainest wording of the captions, the one to prompt with: "a red star", "an orange
+    star", or "a star" when no colour is asked for."""
+    return _article(f"a {colour} {shape}" if colour else f"a {shape}")
+
+
+def draw_shape(name, image_size, rng, colour=None):
+    """One random instance of a shape as a PIL image (image_size squared); colour is a PALETTE
+    index, or None to draw one from rng."""
     side = image_size * SUPERSAMPLE
     # A black background and a bright shape: the class lives in the outline alone, so a small
     # model spends its few minutes on shape rather than on background noise.
     background = (0, 0, 0)
-    foreground = rng.choice(PALETTE)
+    foreground = PALETTE[rng.randrange(len(PALETTE)) if colour is None else colour]
     # Large and near the centre, turned at most 20 degrees: at 32 px a small or strongly turned
     # shape loses its corners to the pixels (a square at 45 degrees is a diamond, a triangle on
     # its side reads as an arrow), and a person would not recognise it either.
@@ -220,28 +386,38 @@ def draw_shape(name, image_size, rng):
 
 
 def _settings(images_per_class, image_size, seed):
-    return f"shapes v3 images_per_class={images_per_class} image_size={image_size} seed={seed}\n"
+    # v4: the captions (metadata.jsonl) came; the images are those of v3.
+    return f"shapes v4 images_per_class={images_per_class} image_size={image_size} seed={seed}\n"
 
 
 def make_shapes_dataset(root, images_per_class=500, image_size=32, seed=0):
-    """Write the shapes data set as class folders of PNGs at `root`.
+    """Write the shapes data set as class folders of PNGs at `root`, and their captions, colours
+    and shapes in `root/metadata.jsonl`.
 
     Files go to a hidden sibling folder that is renamed to `root` only when
     complete, so a run killed midway never leaves a half-written `root`.
     Each image has its own seed, so image i is the same whatever the count.
     """
     root = Path(root)
-    ours = {*SHAPES, MARKER}
+    ours = {*SHAPES, MARKER, METADATA}
     if root.exists() and not (root.is_dir() and {p.name for p in root.iterdir()} <= ours):
         raise DatasetError(f"'{root}' exists and is not a shapes data set; refusing "
                            f"to overwrite it (delete it or choose another folder)")
     partial = root.with_name(f".{root.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)  # leftovers of a killed run
+    lines = []
     for name in SHAPES:
         (partial / name).mkdir(parents=True)
         for i in range(images_per_class):
             rng = random.Random(f"{seed}/{name}/{i}")
-            draw_shape(name, image_size, rng).save(partial / name / f"{i:04d}.png")
+            colour = rng.randrange(len(PALETTE))  # drawn first, as draw_shape would draw it
+            draw_shape(name, image_size, rng, colour).save(partial / name / f"{i:04d}.png")
+            # The wording has a stream of its own, so that the drawing stays as it was.
+            words = random.Random(f"{seed}/{name}/{i}/caption")
+            text = shape_caption(COLOUR_NAMES[colour], name, words)
+            lines.append(json.dumps({"file_name": f"{name}/{i:04d}.png", "text": text,
+                                     "colour": COLOUR_NAMES[colour], "shape": name}))
+    (partial / METADATA).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     (partial / MARKER).write_text(_settings(images_per_class, image_size, seed))
     old = root.with_name(f".{root.name}.old")
     if root.exists():  # an old or incomplete shapes set: move it aside first
@@ -279,6 +455,11 @@ def main():
     print(f"{len(data)} images of {data.image_size}x{data.image_size} in '{root}'")
     for index, name in enumerate(data.classes):
         print(f"  {index}  {name:<10} {data.labels.count(index)} images")
+    entries = _read_metadata(root, dit.MAX_CAPTION_BYTES)
+    held_out = sum(pair in TEXT_HOLDOUT for _, _, pair in entries)
+    pairs = ", ".join(shape_prompt(shape, colour) for colour, shape in TEXT_HOLDOUT)
+    print(f"{len(entries)} captions in '{root / METADATA}'; the {held_out} images of the held-out "
+          f"pairs ({pairs}) never reach a text run's training batches")
 
 
 if __name__ == "__main__":

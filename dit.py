@@ -14,9 +14,11 @@ the paper's choice and the default). A final layer turns tokens back into patche
 Read it top to bottom:
     attention (three interchangeable backends; self- and cross-attention) -> embedders (patches,
     timesteps, labels) -> the block, four ways -> final layer -> DiT -> 2-D sin-cos positions
-    -> presets -> the Gaussian diffusion process (Ho et al. 2020, Nichol & Dhariwal 2021,
-    Song et al. 2021) -> classifier-free guidance (Ho & Salimans 2022) -> drawing images, the
-    one sampling path of train.py's sample grids and sample.py.
+    -> presets -> text to image (bytes as tokens, a caption encoder, PixArt-alpha's block)
+    -> the Gaussian diffusion process (Ho et al. 2020, Nichol & Dhariwal 2021, Song et al. 2021)
+    -> flow matching (rectified flow, SiT) -> classifier-free guidance (Ho & Salimans 2022), for
+    labels and for captions -> drawing images, the one sampling path of train.py's sample grids
+    and sample.py.
 
 With conditioning="adaln-zero" the state dict uses the reference layout (facebookresearch/DiT),
 so its released checkpoints load with `model.load_state_dict(state_dict, strict=True)`.
@@ -82,7 +84,7 @@ def _check_key_lengths(key_lengths, q, k):
                          f"got {tuple(key_lengths.shape)}")
     if key_lengths.device != q.device:
         raise ValueError(f"key_lengths must be on q's device {q.device}, not {key_lengths.device}")
-    if B > 0:
+    if B > 0 and not key_lengths.is_meta:  # the meta device (counting FLOPs) has no values to check
         shortest, longest = torch.stack(torch.aminmax(key_lengths)).tolist()
         if shortest < 1 or longest > M:
             raise ValueError(f"key_lengths must be in [1, M] = [1, {M}]; got values in [{shortest}, "
@@ -524,6 +526,8 @@ def forward_gmacs(model):
     p = model.pos_embed
     x = torch.zeros(1, model.in_channels, model.input_size, model.input_size, device=p.device, dtype=p.dtype)
     t = y = torch.zeros(1, dtype=torch.long, device=p.device)
+    if isinstance(model, TextDiT):  # counted with a short caption, 10 bytes
+        y = tokenize(["a red star"]).to(p.device)
     norm_elements = []
     hooks = [m.register_forward_hook(lambda m, inputs, out: norm_elements.append(out.numel()))
              for m in model.modules() if isinstance(m, nn.LayerNorm)]
@@ -540,6 +544,231 @@ def forward_gmacs(model):
         for m, backend in zip(attns, backends):
             m.backend = backend
     return (counter.get_total_flops() / 2 + sum(norm_elements)) / 1e9
+
+
+# -----------------------------------------------------------------------------
+# Text to image: captions as bytes, a caption encoder trained alongside, PixArt-alpha's block
+#
+# The DiT authors' answer to "how do I condition on text?": pool the encoded text into adaLN, and
+# let the image tokens cross-attend to the text tokens. PixArt-alpha (Chen et al. 2023, Sec. 2.3)
+# does that: adaLN-Zero from the timestep, and a cross-attention sublayer between self-attention
+# and the MLP whose output projection starts at zero. We add the caption's pooled vector to the
+# timestep's embedding, as SD3 and Hunyuan-DiT do. No pretrained text encoder: a small one is
+# trained with the DiT from the caption's bytes, as GLIDE trained its own (Nichol et al. 2022).
+# -----------------------------------------------------------------------------
+
+# The tokenizer is UTF-8 itself: bytes 0..255 are their own tokens, so any caption in any language
+# has a spelling and there is no vocabulary to store or to miss a word. Two more tokens: BOS opens
+# every caption, so that even the empty caption (guidance's null condition) has one key to attend
+# to, since a row whose keys are all masked is a softmax over nothing, 0 / 0 = NaN; PAD fills the
+# shorter captions of a batch, and marks their lengths.
+CAPTION_BOS, CAPTION_PAD = 256, 257
+CAPTION_VOCAB = 258
+MAX_CAPTION_BYTES = 64
+
+
+def tokenize(captions, max_bytes=MAX_CAPTION_BYTES):
+    """Captions (a list of str) -> tokens (N, L) int64: BOS, the caption's UTF-8 bytes, then PAD
+    up to L = 1 + the longest caption's length in bytes. The empty caption is [BOS].
+    Raises ValueError for a caption of more than max_bytes bytes."""
+    if isinstance(captions, str):
+        raise TypeError("tokenize takes a list of captions, not one string")
+    encoded = []
+    for caption in captions:
+        shown = caption if len(caption) <= 40 else caption[:37] + "..."
+        try:
+            data = caption.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate, e.g. from a command line in another encoding
+            raise ValueError(f"caption {shown!r} is not valid Unicode text") from None
+        if len(data) > max_bytes:
+            raise ValueError(f"caption {shown!r} is {len(data)} bytes in UTF-8, over the limit of {max_bytes}")
+        encoded.append(data)
+    tokens = empty_captions(len(encoded), 1 + max(map(len, encoded), default=0))  # (N, L)
+    for row, data in enumerate(encoded):
+        tokens[row, 1:1 + len(data)] = torch.tensor(list(data), dtype=torch.long)
+    return tokens
+
+
+def empty_captions(n, length=1, device=None):
+    """n empty captions ([BOS], then PAD up to length): the null condition."""
+    tokens = torch.full((n, length), CAPTION_PAD, dtype=torch.long, device=device)  # (n, length)
+    tokens[:, 0] = CAPTION_BOS
+    return tokens
+
+
+def caption_lengths(tokens):
+    """(N, L) tokens -> (N,) lengths, BOS included: how many keys each caption offers."""
+    return (tokens != CAPTION_PAD).sum(dim=1)
+
+
+def decode_captions(tokens):
+    """(N, L) tokens -> the N captions as text (for grids and logs)."""
+    return [bytes(b for b in row.tolist() if b < 256).decode("utf-8", errors="replace") for row in tokens]
+
+
+class CaptionEncoderLayer(nn.Module):
+    """A pre-norm Transformer encoder layer: self-attention among the caption's tokens, then an
+    MLP. Keys past a caption's length are masked, so its features do not depend on its batch."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, attn_backend="auto"):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, backend=attn_backend)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x, lengths):
+        x = x + self.attn(self.norm1(x), lengths)  # (N, L, D)
+        return x + self.mlp(self.norm2(x))         # (N, L, D)
+
+
+class CaptionEncoder(nn.Module):
+    """Tokens -> one feature per token, the lengths, and a pooled vector. Byte embeddings plus
+    fixed 1-D sin-cos positions (like the image's, nothing to learn for positions rarely seen),
+    `depth` encoder layers and a final LayerNorm; the pooled vector is the mean over the caption's
+    tokens (padding excluded) through an MLP, as the timestep's embedding has one."""
+
+    def __init__(self, hidden_size, depth, num_heads, mlp_ratio=4.0, max_bytes=MAX_CAPTION_BYTES,
+                 attn_backend="auto"):
+        super().__init__()
+        self.max_bytes = max_bytes
+        self.token_embedder = nn.Embedding(CAPTION_VOCAB, hidden_size)
+        positions = sincos_pos_embed_1d(hidden_size, torch.arange(max_bytes + 1)).float()  # (max_bytes + 1, D)
+        self.register_buffer("pos_embed", positions, persistent=False)  # rebuilt, not stored
+        self.layers = nn.ModuleList([CaptionEncoderLayer(hidden_size, num_heads, mlp_ratio, attn_backend)
+                                     for _ in range(depth)])
+        self.norm = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.pool = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.SiLU(),
+                                  nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, tokens):
+        """tokens (N, L) from tokenize() -> features (N, L, D), lengths (N,), pooled (N, D)."""
+        L = tokens.shape[1]
+        if L > self.max_bytes + 1:
+            raise ValueError(f"captions of {L - 1} bytes, over this model's limit of {self.max_bytes}")
+        lengths = caption_lengths(tokens)                                         # (N,)
+        x = self.token_embedder(tokens) + self.pos_embed[:L]                      # (N, L, D)
+        for layer in self.layers:
+            x = layer(x, lengths)                                                 # (N, L, D)
+        x = self.norm(x)                                                          # (N, L, D)
+        inside = torch.arange(L, device=tokens.device) < lengths[:, None]         # (N, L)
+        mean = torch.where(inside[..., None], x, 0).sum(dim=1) / lengths[:, None]  # (N, D)
+        return x, lengths, self.pool(mean)
+
+
+class TextDiTBlock(DiTBlock):
+    """PixArt-alpha's block: the adaLN-Zero block, with cross-attention from the image tokens to
+    the caption's tokens between self-attention and the MLP. As in PixArt-alpha the cross-attention
+    has no norm and no gate; its output projection starts at zero (TextDiT.initialize_weights), so
+    at initialisation it adds exactly nothing and the block is the plain adaLN-Zero block."""
+
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, attn_backend="auto"):
+        super().__init__(hidden_size, num_heads, mlp_ratio, attn_backend, conditioning="adaln-zero")
+        self.cross_attn = CrossAttention(hidden_size, num_heads, backend=attn_backend)
+
+    def forward(self, x, c, text, lengths):
+        """x: (N, T, D), c: (N, D) timestep plus pooled caption, text: (N, L, D) the caption's
+        tokens, lengths: (N,) how many of them are real (the rest is padding)."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+            self.adaLN_modulation(c).chunk(6, dim=1))                                           # 6 x (N, D)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))  # (N, T, D)
+        x = x + self.cross_attn(x, text, lengths)                                               # (N, T, D)
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))   # (N, T, D)
+        return x
+
+
+class TextDiT(nn.Module):
+    """A DiT conditioned on captions (PixArt-alpha's design, with our own small caption encoder).
+
+    forward(x, t, captions) takes the captions as the (N, L) token tensor of tokenize(), not as
+    strings: a tensor goes wherever class labels go (a DataLoader batch, .to(device), torch.cat
+    for guidance, GaussianDiffusion.training_losses), and text becomes tokens once per image in
+    the data set rather than in every step. The lengths need no tensor of their own: PAD marks them.
+
+    Arguments as DiT's, plus: caption_dropout_prob (in training, the chance that a caption is
+    replaced by the empty one, so that the network learns the null condition guidance needs),
+    text_depth (the encoder's layers; its width and heads are the DiT's) and max_caption_bytes.
+    All plain values, so that a checkpoint's model_args rebuild the model.
+    """
+
+    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28,
+                 num_heads=16, mlp_ratio=4.0, caption_dropout_prob=0.1, learn_sigma=True, *,
+                 text_depth=2, max_caption_bytes=MAX_CAPTION_BYTES, attn_backend="auto",
+                 grad_checkpointing=False):
+        super().__init__()
+        if input_size % patch_size:
+            raise ValueError(f"input_size {input_size} is not a multiple of patch_size {patch_size}")
+        if attn_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention backend {attn_backend!r}; choose from {ATTENTION_BACKENDS}")
+        if not 0 <= caption_dropout_prob <= 1:
+            raise ValueError(f"caption_dropout_prob must be in [0, 1], got {caption_dropout_prob}")
+        self.input_size = input_size
+        self.patch_size = patch_size
+        self.in_channels = in_channels
+        self.out_channels = 2 * in_channels if learn_sigma else in_channels
+        self.num_heads = num_heads
+        self.learn_sigma = learn_sigma
+        self.caption_dropout_prob = caption_dropout_prob
+        self.max_caption_bytes = max_caption_bytes
+        self.grad_checkpointing = grad_checkpointing
+
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.caption_encoder = CaptionEncoder(hidden_size, text_depth, num_heads, mlp_ratio,
+                                              max_caption_bytes, attn_backend)
+        grid_size = input_size // patch_size
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, grid_size)[None],
+                             persistent=False)  # (1, T, D), fixed: rebuilt, not stored
+        self.blocks = nn.ModuleList([TextDiTBlock(hidden_size, num_heads, mlp_ratio, attn_backend)
+                                     for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """DiT's adaLN-Zero initialisation, and PixArt-alpha's zero output projection of every
+        cross-attention: a fresh model is the identity in every block and predicts 0, as DiT does."""
+        def basic_init(module):
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        self.apply(basic_init)
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.caption_encoder.token_embedder.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for layer in [*(b.adaLN_modulation[-1] for b in self.blocks), *(b.cross_attn.proj for b in self.blocks),
+                      self.final_layer.adaLN_modulation[-1], self.final_layer.linear]:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    unpatchify = DiT.unpatchify  # the same token order as the class-conditional model
+
+    def forward(self, x, t, captions):
+        """x: (N, C, H, W) noisy images, t: (N,) timesteps, captions: (N, L) tokens from tokenize()."""
+        if self.training and self.caption_dropout_prob > 0:
+            # Caption dropout: the empty caption in place of some, so the network also learns the
+            # unconditional model that classifier-free guidance extrapolates from.
+            drop = torch.rand(captions.shape[0], device=captions.device) < self.caption_dropout_prob  # (N,)
+            empty = empty_captions(1, captions.shape[1], captions.device)                          # (1, L)
+            captions = torch.where(drop[:, None], empty, captions)                                  # (N, L)
+        x = self.x_embedder(x) + self.pos_embed                  # (N, T, D), T = H * W / p ** 2
+        text, lengths, pooled = self.caption_encoder(captions)   # (N, L, D), (N,), (N, D)
+        c = self.t_embedder(t) + pooled                          # (N, D)
+        for block in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, c, text, lengths, use_reentrant=False)
+            else:
+                x = block(x, c, text, lengths)                   # (N, T, D)
+        x = self.final_layer(x, c)                               # (N, T, p * p * C_out)
+        return self.unpatchify(x)                                # (N, C_out, H, W)
+
+
+# Every size of DiT_configs, named "TextDiT-Ti/8" and so on; the encoder adds text_depth layers
+# of the DiT's width (two by default: a caption of a few words needs little depth).
+TextDiT_models = {f"Text{name}": functools.partial(TextDiT, depth=d, hidden_size=h, num_heads=n, patch_size=p)
+                  for name, (d, h, n, p) in DiT_configs.items()}
 
 
 # -----------------------------------------------------------------------------
@@ -926,8 +1155,10 @@ def make_diffusion(objective="ddpm", **args):
 
 def guided_model_fn(model, y, cfg_scale, interval=(0, math.inf)):
     """model_fn(x, t) for the samplers: the network's output for class y (N,), with classifier-free
-    guidance when cfg_scale != 1. Guidance extrapolates from the null label's prediction towards
-    the class's: pred = pred(x, null) + s * (pred(x, y) - pred(x, null)). The mixed channels are
+    guidance when cfg_scale != 1; for a TextDiT, y is captions (N, L) from tokenize(). Guidance
+    extrapolates from the null condition's prediction towards the class's (or caption's):
+    pred = pred(x, null) + s * (pred(x, y) - pred(x, null)); the null condition is the null label,
+    or the empty caption, which label or caption dropout taught the network. The mixed channels are
     the prediction channels, eps, v or x0; for a shared x_t, v and x0 are affine in eps, so
     mixing any of them is the same guidance. The variance channels (learn_sigma) are the
     conditional ones. The sampler keeps N images; x is doubled only inside the call, so one
@@ -938,13 +1169,18 @@ def guided_model_fn(model, y, cfg_scale, interval=(0, math.inf)):
     and layout are chosen, guidance pulls every sample towards the class's commonest look; at low
     noise it changes little. Guiding in the middle keeps the fidelity and the spread.
 
-    Raises ValueError if guidance is asked of a model without a null label."""
+    Raises ValueError if guidance is asked of a model without a null condition."""
     if cfg_scale == 1:
         return lambda x, t: model(x, t, y)
-    if model.y_embedder.dropout_prob == 0:
-        raise ValueError(f"guidance (cfg scale {cfg_scale}) needs the null label of a model trained with "
-                         "label dropout, and this one was trained without: use a cfg scale of 1")
-    both_labels = torch.cat([y, torch.full_like(y, model.num_classes)])  # (2N,) [y; null]
+    if isinstance(model, TextDiT):
+        null, dropout, what = empty_captions(*y.shape, y.device), model.caption_dropout_prob, "caption"
+    else:
+        null, dropout, what = torch.full_like(y, model.num_classes), model.y_embedder.dropout_prob, "label"
+    if dropout == 0:
+        null_name = "empty caption" if what == "caption" else "null label"
+        raise ValueError(f"guidance (cfg scale {cfg_scale}) needs the {null_name} of a model trained with "
+                         f"{what} dropout, and this one was trained without: use a cfg scale of 1")
+    both_labels = torch.cat([y, null])  # (2N,) or (2N, L): [y; null]
     C = model.in_channels
     lo, hi = interval
 

@@ -2393,3 +2393,311 @@ def test_the_model_graph_is_in_tensorboard_and_a_failed_trace_warns(tiny_run, tm
     with pytest.warns(UserWarning, match=r"could not be traced \(RuntimeError: cannot trace this\); TensorBoard"):
         train.write_graph(writer, tiny_model().eval(), ["a"])
     assert writer.text[0] == "model" and "DiTBlock" in writer.text[1]
+
+
+# Issue 20: text to image. Captions on disk (metadata.jsonl, the held-out pairs), the byte
+# tokenizer, the caption encoder, PixArt-alpha's block, caption dropout and guidance
+# -----------------------------------------------------------------------------
+
+def tiny_text_model(**kwargs):
+    args = dict(input_size=8, in_channels=3, learn_sigma=False, text_depth=1, max_caption_bytes=32)
+    args.update(kwargs)
+    return dit.TextDiT_models["TextDiT-Mi/2"](**args)
+
+
+def palette_colour(x):
+    """The colour name of a built-in shape image (3, S, S) in [-1, 1], from its pixels alone: its
+    brightest pixel lies wholly inside the shape, so it is exactly a palette colour."""
+    pixels = ((x.flatten(1) + 1) * 127.5).round().T                     # (S*S, 3)
+    brightest = pixels[pixels.sum(dim=1).argmax()]                       # (3,)
+    distances = (torch.tensor(dataset.PALETTE, dtype=torch.float) - brightest).abs().amax(dim=1)
+    assert distances.min() <= 1, f"{brightest.tolist()} is no palette colour"
+    return dataset.COLOUR_NAMES[distances.argmin()]
+
+
+@pytest.fixture(scope="module")
+def captioned_shapes(tmp_path_factory):
+    """A built-in set large enough for every (colour, shape) pair, at 16 px (the smallest size at
+    which every shape has a pixel wholly inside it)."""
+    return make_shapes_dataset(tmp_path_factory.mktemp("text") / "shapes", images_per_class=30, image_size=16)
+
+
+def test_text_holdout_pairs_cover_every_shape_and_colour():
+    colours, shapes = zip(*dataset.TEXT_HOLDOUT)
+    assert len(dataset.TEXT_HOLDOUT) >= 8 and len(set(dataset.TEXT_HOLDOUT)) == len(dataset.TEXT_HOLDOUT)
+    assert sorted(shapes) == sorted(dataset.SHAPES)                      # one per shape
+    assert set(colours) == set(dataset.COLOUR_NAMES)                     # every colour at least once
+    assert len(dataset.COLOUR_NAMES) == len(dataset.PALETTE)
+
+
+def test_shapes_metadata_names_each_image_truly(captioned_shapes):
+    root = captioned_shapes
+    lines = [json.loads(line) for line in (root / "metadata.jsonl").read_text().splitlines()]
+    assert len(lines) == 8 * 30
+    full = ImageFolder(root, image_size=16)
+    assert [root / line["file_name"] for line in lines] == full.paths    # every image, once
+    wordings, plain = set(), 0
+    for line, x, label in zip(lines, (full[i][0] for i in range(len(full))), full.labels):
+        shape, colour, text = full.classes[label], palette_colour(x), line["text"]
+        assert (line["shape"], line["colour"]) == (shape, colour)        # checked against the pixels
+        assert shape in text and "a orange" not in text                  # "an orange star"
+        named = [name for name in dataset.COLOUR_NAMES if name in text.split()]
+        assert named in ([colour], [])
+        plain += not named
+        wordings.add(text.replace(colour, "C").replace(shape, "S"))
+    # The four coloured wordings and the colourless ones all occur; a fifth leave the colour out.
+    assert {"C S", "a S in C", "a S", "S"} <= wordings
+    assert {"a C S", "an C S"} & wordings and {"a C S on black", "an C S on black"} & wordings
+    assert 0.1 < plain / len(lines) < 0.3
+    # Deterministic: the same seed writes the same captions, another seed others.
+    again = make_shapes_dataset(root.parent / "again", images_per_class=30, image_size=16)
+    other = make_shapes_dataset(root.parent / "other", images_per_class=30, image_size=16, seed=1)
+    assert (again / "metadata.jsonl").read_bytes() == (root / "metadata.jsonl").read_bytes()
+    assert (other / "metadata.jsonl").read_bytes() != (root / "metadata.jsonl").read_bytes()
+    assert dataset.shape_prompt("star", "orange") == "an orange star" and dataset.shape_prompt("star") == "a star"
+
+
+def test_held_out_pairs_never_reach_a_training_batch(captioned_shapes):
+    # Which image is which, from an independent loader: the folder gives the shape, the pixels the colour.
+    full = ImageFolder(captioned_shapes, image_size=16)
+    truth = {full[i][0].numpy().tobytes(): (palette_colour(full[i][0]), full.classes[full.labels[i]])
+             for i in range(len(full))}
+    assert len(truth) == len(full) and set(dataset.TEXT_HOLDOUT) <= set(truth.values())  # all present
+    train_set = dataset.CaptionFolder(captioned_shapes, image_size=16)  # split="train" by default
+    seen = []
+    for _ in range(2):  # two shuffled epochs, in the trainer's batches: (N, 3, S, S), (N, L)
+        for x, tokens in torch.utils.data.DataLoader(train_set, batch_size=16, shuffle=True):
+            for image, caption in zip(x, dit.decode_captions(tokens)):
+                colour, shape = truth[image.numpy().tobytes()]
+                assert (colour, shape) not in dataset.TEXT_HOLDOUT, caption
+                named = [name for name in dataset.COLOUR_NAMES if name in caption.split()]
+                assert shape in caption and named in ([colour], [])  # captions stay with their images
+                seen.append((colour, shape))
+    assert len(seen) == 2 * len(train_set)
+    held_out = dataset.CaptionFolder(captioned_shapes, image_size=16, split="holdout")
+    assert {truth[held_out[i][0].numpy().tobytes()] for i in range(len(held_out))} == set(dataset.TEXT_HOLDOUT)
+    assert len(train_set) + len(held_out) == len(full) == len(dataset.CaptionFolder(captioned_shapes, 16, split="all"))
+    with pytest.raises(ValueError, match=r"unknown split 'test'; choose from \('train', 'holdout', 'all'\)"):
+        dataset.CaptionFolder(captioned_shapes, 16, split="test")
+
+
+def test_old_shapes_set_without_captions_is_regenerated(tmp_path):
+    root = make_shapes_dataset(tmp_path / "shapes", images_per_class=1, image_size=8)
+    (root / "metadata.jsonl").unlink()  # what a v3 set looks like
+    (root / dataset.MARKER).write_text((root / dataset.MARKER).read_text().replace("v4", "v3"))
+    ensure_builtin_dataset(root, images_per_class=1, image_size=8)
+    assert len(dataset.CaptionFolder(root, 8, split="all")) == 8
+
+
+def write_captioned(root, lines):
+    """A captioned folder of one red image at the root and one blue in a class folder."""
+    solid(root / "red.png", (8, 8), RED)
+    solid(root / "blue" / "b.png", (10, 8), BLUE)
+    (root / "metadata.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+
+def test_caption_folder_loads_any_folder_with_metadata(tmp_path):
+    write_captioned(tmp_path, ['{"file_name": "red.png", "text": "un cœur ♥"}', "",
+                               '{"file_name": "blue/b.png", "text": "blue", "extra": 1}'])
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with open(tmp_path / "metadata.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"file_name": "broken.png", "text": "lost"}\r\n')
+    with pytest.warns(UserWarning, match="skipping unreadable image .*broken.png"):
+        data = dataset.CaptionFolder(tmp_path, image_size=4)
+    assert len(data) == 2 and data.captions == ["un cœur ♥", "blue"] and data.pairs == [None, None]
+    (x0, t0), (x1, t1) = data[0], data[1]
+    assert x0.shape == (3, 4, 4) and rgb(x0) == pytest.approx([255, 0, 0], abs=1)
+    assert rgb(x1) == pytest.approx([0, 0, 255], abs=1)
+    # Non-ASCII is bytes: 9 characters, 12 bytes; rows padded to the longest caption plus BOS.
+    assert t0.shape == t1.shape == (13,) and dit.caption_lengths(torch.stack([t0, t1])).tolist() == [13, 5]
+    assert dit.decode_captions(torch.stack([t0, t1])) == ["un cœur ♥", "blue"]
+    with pytest.raises(DatasetError, match="names no image of a held-out pair"):
+        dataset.CaptionFolder(tmp_path, image_size=4, split="holdout")
+
+
+@pytest.mark.parametrize("line,message", [
+    ("not json", r"metadata.jsonl:2: not JSON \(Expecting value\); each line is one object such as"),
+    ('["red.png", "a cat"]', r"metadata.jsonl:2: not a JSON object"),
+    ('{"text": "a cat"}', r'metadata.jsonl:2: "file_name" is missing or empty'),
+    ('{"file_name": "red.png"}', r'metadata.jsonl:2: "text" is missing or empty; every image needs a caption'),
+    ('{"file_name": "red.png", "text": "  "}', r'metadata.jsonl:2: "text" is missing or empty'),
+    ('{"file_name": "red.png", "text": 7}', r'metadata.jsonl:2: "text" is missing or empty'),
+    ('{"file_name": "gone.png", "text": "a cat"}', r"metadata.jsonl:2: image 'gone.png' not found in"),
+    ('{"file_name": "../red.png", "text": "a cat"}', r"metadata.jsonl:2: file_name '../red.png' points outside"),
+    ('{"file_name": "red.png", "text": "' + "é" * 33 + '"}',
+     r"metadata.jsonl:2: the caption is 66 bytes in UTF-8, over the limit of 64; shorten it"),
+])
+def test_caption_folder_names_the_bad_line(tmp_path, line, message):
+    write_captioned(tmp_path, ['{"file_name": "blue/b.png", "text": "a blue thing"}', line])
+    with pytest.raises(DatasetError, match=message) as caught:
+        dataset.CaptionFolder(tmp_path, image_size=4)
+    assert "\n" not in str(caught.value)
+
+
+def test_caption_folder_without_metadata_says_what_to_write(tmp_path):
+    solid(tmp_path / "a" / "x.png", (8, 8), RED)
+    with pytest.raises(DatasetError, match=r"has no metadata.jsonl; .* such as \{\"file_name\""):
+        dataset.CaptionFolder(tmp_path, image_size=4)
+    with pytest.raises(DatasetError, match="does not exist"):
+        dataset.CaptionFolder(tmp_path / "nope", image_size=4)
+
+
+# --- the model side -----------------------------------------------------------
+
+def test_tokenizer_is_utf8_bytes_after_bos():
+    tokens = dit.tokenize(["", "ab", "é"])
+    B, P = dit.CAPTION_BOS, dit.CAPTION_PAD
+    assert tokens.tolist() == [[B, P, P], [B, 97, 98], [B, 0xC3, 0xA9]] and tokens.dtype == torch.long
+    assert dit.caption_lengths(tokens).tolist() == [1, 3, 3]         # never 0: BOS is always a key
+    captions = ["", "un cœur rouge ♥", "東京の星", "a red star"]
+    assert dit.decode_captions(dit.tokenize(captions)) == captions
+    assert dit.tokenize(["x" * 64]).shape == (1, 65)
+    with pytest.raises(ValueError, match=r"caption 'xxx.*\.\.\.' is 65 bytes in UTF-8, over the limit of 64"):
+        dit.tokenize(["x" * 65])
+    with pytest.raises(ValueError, match="is 66 bytes in UTF-8, over the limit of 64"):
+        dit.tokenize(["♥" * 22])                                     # 22 characters, 3 bytes each
+    with pytest.raises(ValueError, match="is 9 bytes in UTF-8, over the limit of 8"):
+        dit.tokenize(["ok", "too long!"], max_bytes=8)
+    with pytest.raises(ValueError, match=r"caption 'a \\udcff star' is not valid Unicode text"):
+        dit.tokenize(["a \udcff star"])                              # a byte Python could not decode
+    with pytest.raises(TypeError, match="a list of captions, not one string"):
+        dit.tokenize("a red star")
+
+
+@pytest.mark.parametrize("backend", ["math", "sdpa"])
+def test_caption_encoder_on_empty_long_and_non_ascii_captions(backend):
+    encoder = randomize(tiny_text_model(attn_backend=backend)).caption_encoder.eval()
+    captions = ["", "un cœur rouge ♥", "東京", "a red star"]
+    with torch.no_grad():
+        text, lengths, pooled = encoder(dit.tokenize(captions))
+        assert text.shape == (4, 1 + len("un cœur rouge ♥".encode()), 64) and pooled.shape == (4, 64)
+        assert lengths.tolist() == [1, 19, 7, 11] and text.isfinite().all() and pooled.isfinite().all()
+        # The empty caption (BOS alone) is a real condition: finite, and the same in any batch.
+        alone = encoder(dit.tokenize([""]))
+        torch.testing.assert_close(pooled[0], alone[2][0])
+        torch.testing.assert_close(text[0, :1], alone[0][0])
+        assert (pooled[1:] - pooled[0]).abs().amax(dim=1).min() > 1e-3  # every caption its own vector
+        # Token rows wider than this model's limit (32 bytes) are refused, not silently cut.
+        with pytest.raises(ValueError, match="captions of 33 bytes, over this model's limit of 32"):
+            encoder(dit.tokenize(["x" * 33]))
+
+
+@pytest.mark.parametrize("backend", ["math", "sdpa", "triton"])
+def test_padded_captions_give_the_unpadded_output(backend, monkeypatch):
+    """The whole text model on each backend; on "triton" (~3 s in the CPU's interpreter) it is the
+    GPU's path: the encoder's self-attention and every cross-attention with key lengths."""
+    model = randomize(tiny_text_model(attn_backend=backend)).eval().to(DEVICE)
+    x, t = torch.randn(2, 3, 8, 8, device=DEVICE), torch.tensor([10, 600], device=DEVICE)
+    captions = dit.tokenize(["a red star", "a longer one: star is padded"]).to(DEVICE)
+    with torch.no_grad():
+        batch = model(x, t, captions)
+        alone = model(x[:1], t[:1], dit.tokenize(["a red star"]).to(DEVICE))
+        torch.testing.assert_close(batch[:1], alone, atol=1e-5, rtol=1e-5)
+        # The comparison can fail: with the padding attended to, the output changes.
+        monkeypatch.setattr(dit, "caption_lengths", lambda tokens: torch.full(tokens.shape[:1], tokens.shape[1],
+                                                                              device=tokens.device))
+        unmasked = model(x, t, captions)
+    assert (unmasked[:1] - alone).abs().max() > 1e-3
+
+
+def test_text_block_is_the_adaln_zero_block_at_init():
+    model = tiny_text_model()
+    block = model.blocks[0]
+    assert isinstance(block, dit.DiTBlock) and block.conditioning == "adaln-zero"
+    with torch.no_grad():  # gates open, so that the blocks are not both the identity
+        block.adaLN_modulation[-1].weight.normal_(std=0.2)
+        block.adaLN_modulation[-1].bias.normal_(std=0.2)
+    plain = dit.DiTBlock(64, 2, attn_backend=block.attn.backend)
+    plain.load_state_dict({k: v for k, v in block.state_dict().items() if not k.startswith("cross_attn.")})
+    x, c, text = torch.randn(2, 16, 64), torch.randn(2, 64), torch.randn(2, 5, 64)
+    out = block(x, c, text, torch.tensor([5, 2]))
+    assert torch.equal(out, plain(x, c))  # the cross-attention adds exactly zero
+    out.square().sum().backward()         # ...and yet it learns: its output projection has a gradient
+    assert block.cross_attn.proj.weight.grad.abs().max() > 0
+    # The whole fresh model predicts 0, as the class-conditional DiT does.
+    assert torch.equal(model(torch.randn(2, 3, 8, 8), torch.tensor([0, 999]), dit.tokenize(["a", "b"])),
+                       torch.zeros(2, 3, 8, 8))
+
+
+def test_caption_dropout_uses_the_empty_caption():
+    model = randomize(tiny_text_model(caption_dropout_prob=1.0))
+    x, t = torch.randn(8, 3, 8, 8), torch.randint(0, 1000, (8,))
+    captions = dit.tokenize(["a red star", "two", "a blue heart", "a", "b", "c", "d", "e"])
+    with torch.no_grad():
+        cond = model.eval()(x, t, captions)
+        null = model(x, t, dit.empty_captions(8))
+        assert (cond - null).abs().amax(dim=(1, 2, 3)).min() > 1e-3  # every caption matters
+        torch.testing.assert_close(model.train()(x, t, captions), null, atol=1e-5, rtol=1e-5)
+        model.caption_dropout_prob = 0.5  # per sample: each row is either its caption's or the null's
+        torch.manual_seed(0)
+        mixed = model(x, t, captions)
+        dropped = [(mixed[i] - null[i]).abs().max() < 1e-5 for i in range(8)]
+        kept = [(mixed[i] - cond[i]).abs().max() < 1e-5 for i in range(8)]
+        assert all(a != b for a, b in zip(dropped, kept)) and any(dropped) and any(kept)
+        model.caption_dropout_prob = 0.0
+        torch.testing.assert_close(model(x, t, captions), cond)
+
+
+def test_text_guidance_extrapolates_from_the_empty_caption():
+    model = randomize(tiny_text_model(learn_sigma=True)).eval()
+    captions = dit.tokenize(["a red star", "an orange heart"])
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([100, 700])
+    with torch.no_grad():
+        cond = model(x, t, captions)
+        uncond = model(x, t, dit.tokenize(["", ""]))
+        guided = dit.guided_model_fn(model, captions, 3.0)(x, t)
+        torch.testing.assert_close(guided[:, :3], uncond[:, :3] + 3.0 * (cond[:, :3] - uncond[:, :3]))
+        torch.testing.assert_close(guided[:, 3:], cond[:, 3:])  # the variance stays conditional
+        assert torch.equal(dit.guided_model_fn(model, captions, 1.0)(x, t), cond)
+        # The interval: guided where lo <= t < hi, the caption's own prediction elsewhere.
+        half = dit.guided_model_fn(model, captions, 3.0, interval=(0, 500))(x, t)
+        torch.testing.assert_close(half[0], guided[0])
+        torch.testing.assert_close(half[1], cond[1])
+    with pytest.raises(ValueError, match="needs the empty caption of a model trained with caption dropout"):
+        dit.guided_model_fn(tiny_text_model(caption_dropout_prob=0.0), captions, 3.0)
+
+
+def test_text_model_rebuilds_from_its_model_args(tmp_path):
+    model_args = dict(name="TextDiT-Mi/4", input_size=16, in_channels=3, learn_sigma=False, text_depth=2,
+                      max_caption_bytes=16, caption_dropout_prob=0.2)
+    args = dict(model_args)
+    model = randomize(dit.TextDiT_models[args.pop("name")](**args))
+    torch.save({"model": model.state_dict(), "model_args": model_args}, tmp_path / "ckpt.pt")
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)  # plain tensors and values only
+    args = dict(saved["model_args"])
+    rebuilt = dit.TextDiT_models[args.pop("name")](**args)
+    rebuilt.load_state_dict(saved["model"])  # strict: the same layout
+    x, t, captions = torch.randn(2, 3, 16, 16), torch.tensor([3, 900]), dit.tokenize(["a red star", ""])
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x, t, captions), rebuilt.eval()(x, t, captions))
+    with pytest.raises(ValueError, match="over this model's limit of 16"):  # the tokenizer's limit travels
+        rebuilt(x, t, dit.tokenize(["a caption of 17 b", ""]))
+    # Its cost counts the caption's path, and counts alike on the meta device, as train.py counts it.
+    gmacs = dit.forward_gmacs(rebuilt)
+    assert gmacs > dit.forward_gmacs(dit.DiT_models["DiT-Mi/4"](input_size=16, in_channels=3))
+    with torch.device("meta"):
+        assert dit.forward_gmacs(dit.TextDiT_models["TextDiT-Mi/4"](**args)) == pytest.approx(gmacs)
+
+
+def test_tiny_text_model_learns_colours_from_captions():
+    """Four flat images, one per caption, at high noise only (t >= 900), where x_t has all but
+    lost the image: the loss can fall below that of predicting the mean colour (about 1) only by
+    reading the caption, and the prediction from pure noise must be the caption's colour."""
+    torch.manual_seed(0)
+    colours = {"red": (1, -1, -1), "green": (-1, 1, -1), "blue": (-1, -1, 1), "a white one": (1, 1, 1)}
+    x0 = torch.tensor(list(colours.values()), dtype=torch.float)[:, :, None, None].expand(4, 3, 8, 8)
+    captions = dit.tokenize(list(colours))
+    model = tiny_text_model(caption_dropout_prob=0.0)
+    diffusion = dit.GaussianDiffusion(schedule="cosine", prediction="x0", learn_sigma=False)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(50):
+        loss = diffusion.training_losses(model, x0, torch.randint(900, 1000, (4,)), captions)["loss"].mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-10:]) < 0.1 * sum(losses[:10]) and sum(losses[-10:]) / 10 < 0.1
+    with torch.no_grad():
+        pred = model.eval()(torch.randn(4, 3, 8, 8), torch.full((4,), 999), captions)  # (4, 3, 8, 8)
+    torch.testing.assert_close(pred.mean(dim=(2, 3)), x0[:, :, 0, 0], atol=0.5, rtol=0)
