@@ -35,7 +35,7 @@ CFG_INTERVAL = (0.0, 1000.0)
 
 @dataclass
 class TrainConfig:
-    preset: str = option("cpu", "named preset applied before the other flags", ("cpu", "gpu", "paper"))
+    preset: str = option("cpu", "named preset applied before the other flags", ("cpu", "gpu", "text", "paper"))
     # data and run directory
     data: str = option("", "class-per-folder image directory; empty: the built-in shapes set")
     out: str = option("runs/default", "run directory: checkpoints, TensorBoard, samples, metrics")
@@ -45,7 +45,7 @@ class TrainConfig:
     # model
     model: str = option("DiT-Ti/8", "a preset of dit.DiT_models")
     learn_sigma: bool = option(False, "also learn the reverse variance (Improved DDPM hybrid loss)")
-    class_dropout: float = option(0.1, "probability of the null label in training (for guidance)",
+    class_dropout: float = option(0.1, "probability of the null label (text: the empty caption) in training",
                                   at_least=0, below=1)
     conditioning: str = option("adaln-zero", "how blocks see t and y (DiT Sec. 3.2, Table 4)",
                                ("adaln-zero", "adaln", "cross-attn", "in-context"))
@@ -106,6 +106,10 @@ TRAIN_PRESETS = {
         "workers": 4,
         "log_every": 100, "ckpt_every": 1000, "sample_every": 2000,
     },
+    "text": {                        # captions, not labels: metadata.jsonl, PixArt-alpha's cross-attention
+        "model": "TextDiT-Ti/8",     # the cpu preset's network plus a 2-layer caption encoder
+        "out": "runs/text",
+    },
     "paper": {                       # DiT as published: eps, linear betas, learned sigma, constant lr 1e-4
         "image_size": 32, "model": "DiT-S/2", "schedule": "linear", "prediction": "eps", "learn_sigma": True,
         "loss_weighting": "uniform", "noise_shift": 1.0, "lr": 1e-4, "lr_schedule": "constant", "warmup_steps": 0,
@@ -122,6 +126,7 @@ TRAIN_PRESETS = {
 class SampleConfig:
     ckpt: str = option("runs/default", "a run directory (its newest checkpoint) or a checkpoint file")
     label: list = option(None, "class indices or class folder names; none given: every class")
+    prompt: list = option(None, "a text run's captions, one grid row each, e.g. --prompt \"a blue heart\"")
     num: int = option(8, "samples per label", at_least=1)
     batch_size: int = option(256, "images denoised at once (with DDIM at eta 0 the images do not depend on it)",
                              at_least=1)

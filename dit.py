@@ -1220,13 +1220,15 @@ def to_unit(x):
 
 @torch.no_grad()
 def draw(model, diffusion, y, j, seed, steps, cfg_scale, sampler="auto", eta=0.0, interval=(0, math.inf)):
-    """Denoise sample j[i] of class y[i] for every i, with guidance: yields x_t after each of the
-    `steps` reverse steps, (N, C, H, W), the last one the sample. DDPM's per-step noise (or DDIM's
-    at eta > 0) comes from one generator per batch, keyed by its first image, so there an image
-    also depends on the batch it is drawn in; DDIM at eta 0 uses none."""
+    """Denoise sample j[i] of class y[i] (or caption y[i], tokens) for every i, with guidance:
+    yields x_t after each of the `steps` reverse steps, (N, C, H, W), the last one the sample.
+    DDPM's per-step noise (or DDIM's at eta > 0) comes from one generator per batch, keyed by its
+    first image, so there an image also depends on the batch it is drawn in; DDIM at eta 0 uses none."""
     shape = (model.in_channels, model.input_size, model.input_size)
-    noise = torch.stack([initial_noise(seed, c, k, shape) for c, k in zip(y.tolist(), j)]).to(y.device)  # x_T
-    gen = torch.Generator(y.device).manual_seed(seed_for(seed, "steps", y[0].item(), j[0]))
+    # A caption is keyed by its tokens without the padding, which depends on the batch's longest.
+    keys = [row[:n] for row, n in zip(y.tolist(), caption_lengths(y).tolist())] if y.ndim == 2 else y.tolist()
+    noise = torch.stack([initial_noise(seed, c, k, shape) for c, k in zip(keys, j)]).to(y.device)  # x_T
+    gen = torch.Generator(y.device).manual_seed(seed_for(seed, "steps", keys[0], j[0]))
     model_fn = guided_model_fn(model, y, cfg_scale, interval)
     sampler = diffusion.samplers[0] if sampler == "auto" else sampler
     for _, x, _ in diffusion.denoise_steps(model_fn, noise, steps=steps, sampler=sampler, eta=eta,

@@ -1,10 +1,11 @@
 """
-Draw class-conditional images from a trained DiT run, with classifier-free guidance.
+Draw images from a trained DiT run, of classes or (a text run) of prompts, with classifier-free guidance.
 
     python sample.py --label 3                     # 8 images of class 3 from runs/default
     python sample.py --label star heart --num 16   # labels by class folder name, several at once
     python sample.py --sampler ddpm --steps 250    # ancestral sampling instead of DDIM
     python sample.py --label 3 --show-steps        # also steps.png: watch noise become an image
+    python sample.py --ckpt runs/text --prompt "a blue heart" "a yellow moon"   # a text run
     python sample.py --num 10000 --out big         # in batches of --batch-size, with a progress bar
 
 The checkpoint describes itself (model preset, diffusion settings, class names), so no flags are
@@ -16,6 +17,7 @@ into --out, and prints their paths. All flags: `python sample.py --help`.
 """
 
 import dataclasses
+import re
 import sys
 
 import torch
@@ -53,14 +55,35 @@ def resolve_labels(labels, classes):
     return indices
 
 
-def generate(model, diffusion, labels, cfg, device, snapshots=0):
-    """`cfg.num` images per label, label-major, in [0, 1] (on the CPU), denoised `cfg.batch_size`
+def resolve_conditions(cfg, model, classes):
+    """What to draw, one grid row each: class indices (L,) and their names, or for a text run
+    (trained with --preset text) the prompts as tokens (L, T) and the prompts themselves."""
+    if isinstance(model, dit.TextDiT):
+        if cfg.label is not None:
+            raise ConfigError('--label is for class runs; this run was trained on captions: use --prompt "a blue heart"')
+        if not cfg.prompt:
+            raise ConfigError('this run was trained on captions: say what to draw, e.g. --prompt "a blue heart" '
+                              '"a yellow moon"')
+        try:
+            return dit.tokenize(cfg.prompt, model.max_caption_bytes), cfg.prompt
+        except ValueError as err:
+            raise ConfigError(f"--prompt: {err}") from None
+    if cfg.prompt is not None:
+        raise ConfigError("--prompt is for runs trained on captions (train.py --preset text); this one was "
+                          "trained on class labels: use --label")
+    labels = resolve_labels(cfg.label, classes)
+    return torch.tensor(labels), [classes[i] for i in labels]
+
+
+def generate(model, diffusion, y, cfg, device, snapshots=0):
+    """`cfg.num` images of each condition in y (labels (L,) or caption tokens (L, T)), in order, in
+    [0, 1] (on the CPU), denoised `cfg.batch_size`
     at a time by dit.draw; plus `snapshots` evenly spaced x_t of each label's first image (a list,
     noisiest first, of (L, C, H, W); the last one is the final image). With the default DDIM at
     eta 0 the images do not depend on the batch size; the per-step noise of DDPM or eta > 0 is
     drawn per batch, so there the same --seed needs the same --batch-size."""
-    y_all = torch.tensor(labels).repeat_interleave(cfg.num)                                 # (L*num,)
-    j_all = list(range(cfg.num)) * len(labels)                     # which sample of its label each is
+    y_all = y.repeat_interleave(cfg.num, 0)                                 # (L*num,)
+    j_all = list(range(cfg.num)) * len(y)                     # which sample of its label each is
     kept = torch.linspace(0, cfg.steps - 1, snapshots).round().long().tolist() if snapshots else []
     keep = {k: i for i, k in enumerate(dict.fromkeys(kept))}  # step index -> snapshot number
     images, frames = [], [[] for _ in keep]
@@ -80,11 +103,12 @@ def generate(model, diffusion, labels, cfg, device, snapshots=0):
     return torch.cat(images), [torch.cat(f) for f in frames]
 
 
-def write_images(images, trajectory, labels, classes, cfg, out):
+def write_images(images, trajectory, names, cfg, out):
     paths = [out / "grid.png"]
     save_grid(images, paths[0], cfg.num, cfg.zoom)
     for i, image in enumerate(images):
-        paths.append(out / f"{classes[labels[i // cfg.num]]}_{i % cfg.num:03d}.png")
+        name = re.sub(r"\W+", "_", names[i // cfg.num]).strip("_")  # "a blue heart" -> a_blue_heart
+        paths.append(out / f"{name}_{i % cfg.num:03d}.png")
         torchvision.utils.save_image(image, paths[-1])
     if trajectory:
         # One row per label (its first sample), one column per snapshot: x_T on the left, x_0 right.
@@ -99,7 +123,7 @@ def main(argv=None):
         cfg = parse_args(SampleConfig, sys.argv[1:] if argv is None else argv)
         device = resolve_device(cfg.device)
         model, diffusion, classes = load_model(cfg.ckpt, device)
-        labels = resolve_labels(cfg.label, classes)
+        y, names = resolve_conditions(cfg, model, classes)
         if cfg.sampler == "auto":
             cfg = dataclasses.replace(cfg, sampler=diffusion.samplers[0])
         if cfg.sampler not in diffusion.samplers:
@@ -108,20 +132,20 @@ def main(argv=None):
                               f"{' or '.join(diffusion.samplers)}")
         if cfg.cfg_scale != 1:
             try:  # dit owns the rule (guidance needs a null label); asked here, before any sampling
-                dit.guided_model_fn(model, torch.zeros(1, dtype=torch.long), cfg.cfg_scale)
+                dit.guided_model_fn(model, y[:1], cfg.cfg_scale)
             except ValueError as err:
                 raise ConfigError(str(err)) from None
         if cfg.steps > diffusion.num_timesteps:
             raise ConfigError(f"argument --steps: expected an integer in [1, {diffusion.num_timesteps}] "
                               f"(the trained steps), got '{cfg.steps}'")
         out = make_out_dir(cfg.out, "the images, e.g. --out samples")  # before sampling, which may take an hour
-        images, trajectory = generate(model, diffusion, labels, cfg, device, 10 if cfg.show_steps else 0)
-        paths = write_images(images, trajectory, labels, classes, cfg, out)
+        images, trajectory = generate(model, diffusion, y, cfg, device, 10 if cfg.show_steps else 0)
+        paths = write_images(images, trajectory, names, cfg, out)
     except (ConfigError, CheckpointError, OSError) as err:  # OSError: the disk filled up while writing, say
         raise SystemExit(f"sample.py: error: {err}") from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None
-    print(f"{len(images)} samples of {', '.join(classes[i] for i in labels)} "
+    print(f"{len(images)} samples of {', '.join(names)} "
           f"({cfg.sampler}, {cfg.steps} steps, cfg {cfg.cfg_scale}):")
     for path in paths:
         print(f"  {path}")

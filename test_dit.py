@@ -1241,7 +1241,7 @@ def test_every_preset_names_real_fields():
     fields = set(TrainConfig.__dataclass_fields__)
     for preset in TRAIN_PRESETS.values():
         assert set(preset) <= fields
-        assert preset.get("model", TrainConfig.model) in dit.DiT_models
+        assert preset.get("model", TrainConfig.model) in {**dit.DiT_models, **dit.TextDiT_models}
 
 
 # -----------------------------------------------------------------------------
@@ -1690,10 +1690,10 @@ def test_images_do_not_depend_on_the_batch_size(tiny_run):
     model, diffusion, _ = sample.load_model(tiny_run[0], torch.device("cpu"))
     seen = []  # the batch each network call sees (guidance may double it)
     model.x_embedder.register_forward_hook(lambda module, args, out: seen.append(len(args[0])))
-    one_go, _ = sample.generate(model, diffusion, [1, 4], SampleConfig(num=3, steps=3, seed=5), torch.device("cpu"))
+    one_go, _ = sample.generate(model, diffusion, torch.tensor([1, 4]), SampleConfig(num=3, steps=3, seed=5), torch.device("cpu"))
     assert max(seen) > 2 * 4
     seen.clear()
-    batched, _ = sample.generate(model, diffusion, [1, 4], SampleConfig(num=3, steps=3, seed=5, batch_size=4),
+    batched, _ = sample.generate(model, diffusion, torch.tensor([1, 4]), SampleConfig(num=3, steps=3, seed=5, batch_size=4),
                                  torch.device("cpu"))
     assert max(seen) <= 2 * 4
     torch.testing.assert_close(batched, one_go, rtol=0, atol=1e-6)
@@ -1702,12 +1702,12 @@ def test_images_do_not_depend_on_the_batch_size(tiny_run):
 def test_cfg_scale_one_is_the_conditional_model(tiny_run):
     model, diffusion, _ = sample.load_model(tiny_run[0], torch.device("cpu"))
     cfg = SampleConfig(num=2, steps=4, cfg_scale=1.0, seed=3)
-    ours, _ = sample.generate(model, diffusion, [1], cfg, torch.device("cpu"))
+    ours, _ = sample.generate(model, diffusion, torch.tensor([1]), cfg, torch.device("cpu"))
     y = torch.tensor([1, 1])
     noise = torch.stack([dit.initial_noise(3, 1, i, (3, 16, 16)) for i in range(2)])
     ref = diffusion.sample(lambda x, t: model(x, t, y), noise, steps=4)
     torch.testing.assert_close(ours, (ref.clamp(-1, 1) + 1) / 2)
-    guided, _ = sample.generate(model, diffusion, [1], SampleConfig(num=2, steps=4, cfg_scale=4.0, seed=3),
+    guided, _ = sample.generate(model, diffusion, torch.tensor([1]), SampleConfig(num=2, steps=4, cfg_scale=4.0, seed=3),
                                 torch.device("cpu"))
     assert (guided - ours).abs().max() > 1e-4
 
@@ -2701,3 +2701,36 @@ def test_tiny_text_model_learns_colours_from_captions():
     with torch.no_grad():
         pred = model.eval()(torch.randn(4, 3, 8, 8), torch.full((4,), 999), captions)  # (4, 3, 8, 8)
     torch.testing.assert_close(pred.mean(dim=(2, 3)), x0[:, :, 0, 0], atol=0.5, rtol=0)
+
+
+# --- text to image through train.py and sample.py ------------------------------------
+
+def test_a_text_run_trains_draws_its_prompts_and_sample_py_draws_the_same(tiny_data, tmp_path, capsys):
+    out = tmp_path / "text"
+    train.main(tiny_args(tiny_data, out, 4, "--model", "TextDiT-Mi/4", "--cfg-scale", "2"))
+    saved = train.load_checkpoint(out)
+    assert saved["model_args"]["name"] == "TextDiT-Mi/4" and saved["classes"] is None
+    assert saved["model_args"]["caption_dropout_prob"] == 0.1
+    prompts = train.grid_prompts(dataset.CaptionFolder(tiny_data, 16))
+    assert prompts[0] == "a green circle" and prompts[2] == "a blue heart"  # held-out pairs: rows 0, 2, ...
+    assert all(shape in p for p, shape in zip(prompts, dataset.SHAPES))
+    grid = png_pixels(out / "samples" / "step_0000004_raw.png")
+    assert grid.shape == (8 * 17 + 1, 8 * 17 + 1, 3)  # 8 prompts x 8 samples of 16 px, 1 px padding
+    # Row 2 of the training grid is what sample.py draws for its prompt, with the run's settings.
+    run_sample(out, tmp_path / "s", "--prompt", prompts[2], "a red star", "--num", "8", "--steps", "2",
+               "--cfg-scale", "2")
+    assert "16 samples of a blue heart, a red star" in capsys.readouterr().out
+    row = grid[2 * 17 + 1:3 * 17, 1:17]
+    drawn = png_pixels(tmp_path / "s" / "a_blue_heart_000.png")
+    assert (row.int() - drawn.int()).abs().max() <= 1 and drawn.float().std() > 0
+    with pytest.raises(SystemExit, match='--label is for class runs; this run was trained on captions'):
+        run_sample(out, tmp_path / "l", "--label", "1")
+    with pytest.raises(SystemExit, match="this run was trained on captions: say what to draw"):
+        run_sample(out, tmp_path / "n")
+    with pytest.raises(SystemExit, match=r"--prompt: caption 'x+\.\.\.' is 65 bytes in UTF-8, over the limit of 64"):
+        run_sample(out, tmp_path / "x", "--prompt", "x" * 65)
+
+
+def test_prompt_on_a_class_run_is_a_clear_error(tiny_run, tmp_path):
+    with pytest.raises(SystemExit, match=r"--prompt is for runs trained on captions \(train.py --preset text\)"):
+        run_sample(tiny_run[0], tmp_path, "--prompt", "a red star")

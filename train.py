@@ -42,7 +42,8 @@ from tqdm import tqdm
 
 import dit
 from config import ConfigError, SampleConfig, TrainConfig, TRAIN_PRESETS, flag, parse_args
-from dataset import DatasetError, ImageFolder, check_batch_size, ensure_builtin_dataset
+from dataset import (COLOUR_NAMES, TEXT_HOLDOUT, CaptionFolder, DatasetError, ImageFolder, check_batch_size,
+                     ensure_builtin_dataset, shape_prompt)
 
 BUILTIN_DATA = "data/shapes"
 
@@ -61,6 +62,7 @@ def train(cfg):
         with ExitStack() as run_dir:  # --out, held by rank 0 for the whole run; a refusal stops every rank
             on_rank0(proc, lambda: run_dir.enter_context(claimed(cfg.out)))
             state = build_state(cfg, dataset.classes, proc)
+            state.prompts = grid_prompts(dataset) if is_text(cfg) else None
             resume(cfg, state, proc)
             if state.step >= cfg.steps:
                 return already_finished(cfg, state, proc)
@@ -268,9 +270,10 @@ def check_flags(cfg, proc):
     if cfg.objective == "flow" and (cfg.learn_sigma or cfg.prediction == "eps"):
         raise ConfigError(f"--objective flow predicts v or x0 with no learned variance; drop "
                           f"{'--learn-sigma' if cfg.learn_sigma else '--prediction eps'} (or use --objective ddpm)")
-    if cfg.model not in dit.DiT_models:
-        raise ConfigError(f"--model {cfg.model!r} is not a preset; choose from {', '.join(dit.DiT_models)}")
-    patch = dit.DiT_models[cfg.model].keywords["patch_size"]
+    presets = {**dit.DiT_models, **dit.TextDiT_models}
+    if cfg.model not in presets:
+        raise ConfigError(f"--model {cfg.model!r} is not a preset; choose from {', '.join(presets)}")
+    patch = presets[cfg.model].keywords["patch_size"]
     if cfg.image_size % patch:
         raise ConfigError(f"--image-size {cfg.image_size} is not a multiple of {cfg.model}'s patch size {patch}")
     if cfg.attn == "triton" and importlib.util.find_spec("triton") is None:
@@ -281,11 +284,36 @@ def check_flags(cfg, proc):
 
 
 def load_data(cfg, proc):
+    """Class folders, or for a text model (TextDiT-*) the captions of metadata.jsonl: the built-in
+    set's held-out (colour, shape) pairs are left out, so its samples of them test composition."""
     if not cfg.data:
         on_rank0(proc, prepare_builtin_data, BUILTIN_DATA)  # the other ranks wait for it
-    dataset = ImageFolder(cfg.data or BUILTIN_DATA, cfg.image_size)
+    if is_text(cfg):
+        dataset = CaptionFolder(cfg.data or BUILTIN_DATA, cfg.image_size, split="train")
+        dataset.classes = None
+    else:
+        dataset = ImageFolder(cfg.data or BUILTIN_DATA, cfg.image_size)
     check_batch_size(dataset, cfg.batch_size)
     return dataset
+
+
+def is_text(cfg):
+    return cfg.model in dit.TextDiT_models
+
+
+def grid_prompts(dataset):
+    """What a text run's sample grids draw, one row each: on the built-in shapes, each shape once,
+    alternately in its held-out colour (never seen in training) and in a colour it was seen in;
+    on other data, the first 8 different captions."""
+    if not any(dataset.pairs):
+        return list(dict.fromkeys(dataset.captions))[:8]
+    seen = {pair for pair in dataset.pairs if pair}
+    prompts = []
+    for i, (colour, shape) in enumerate(TEXT_HOLDOUT):
+        if i % 2:  # (no colour at all if the data never showed this shape)
+            colour = next((c for c in COLOUR_NAMES if (c, shape) in seen), None)
+        prompts.append(shape_prompt(shape, colour))
+    return prompts
 
 
 @dataclasses.dataclass
@@ -298,10 +326,11 @@ class TrainState:
     flip_gen: torch.Generator
     model_args: dict
     diffusion_args: dict
-    classes: list
+    classes: list                 # class names; None for a text run
     step: int = 0
     wall_before: float = 0.0      # seconds trained before this session
     session_start: float = 0.0    # time.time() when this session's loop began
+    prompts: list = None          # a text run's sample grid rows
 
     def wall_time(self):
         return self.wall_before + time.time() - self.session_start
@@ -318,7 +347,10 @@ DIFFUSION_ARGS = ("objective", "schedule", "prediction", "learn_sigma", "noise_s
 def build_state(cfg, classes, proc):
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model_args = {arg: getattr(cfg, key) for key, arg in MODEL_ARGS.items()}
-    model_args.update(in_channels=3, num_classes=len(classes))
+    model_args.update(in_channels=3, num_classes=len(classes or ()))
+    if is_text(cfg):  # captions instead of labels: the dropout is the empty caption's
+        del model_args["num_classes"], model_args["conditioning"]
+        model_args["caption_dropout_prob"] = model_args.pop("class_dropout_prob")
     diffusion_args = {key: getattr(cfg, key) for key in (*DIFFUSION_ARGS, "loss_weighting", "loss")}
     model = build_model(model_args, attn_backend=cfg.attn, grad_checkpointing=cfg.grad_checkpointing)
     model.to(proc.device)
@@ -334,7 +366,8 @@ def build_state(cfg, classes, proc):
 def build_model(model_args, **options):
     """Rebuild a DiT from the arguments a checkpoint stores (options: attn_backend, grad_checkpointing)."""
     args = dict(model_args)
-    return dit.DiT_models[args.pop("name")](**args, **options)
+    name = args.pop("name")
+    return (dit.TextDiT_models if name in dit.TextDiT_models else dit.DiT_models)[name](**args, **options)
 
 
 def num_params(model):
@@ -465,10 +498,10 @@ class RunLog:
         self.writer = SummaryWriter(self.out, purge_step=state.step)  # drops events past the checkpoint
         self.metrics = open_metrics(self.out / "metrics.csv", state.step)
         (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-        print(f"{cfg.model}: {num_params(state.model) / 1e6:.2f}M parameters, {num_images} images in "
-              f"{len(state.classes)} classes, {proc.world} x {proc.device.type}, "
-              f"{'bf16' if use_bf16(cfg, proc.device) else 'fp32'}")
-        write_graph(self.writer, state.ema, state.classes)
+        print(f"{cfg.model}: {num_params(state.model) / 1e6:.2f}M parameters, {num_images} images "
+              f"{f'in {len(state.classes)} classes' if state.classes else 'with captions'}, {proc.world} x "
+              f"{proc.device.type}, {'bf16' if use_bf16(cfg, proc.device) else 'fp32'}")
+        write_graph(self.writer, state.ema, state.prompts or state.classes)
         self.bar = tqdm(total=cfg.steps, initial=state.step, dynamic_ncols=True)
 
     def __enter__(self):
@@ -497,17 +530,24 @@ class RunLog:
 
     def samples(self, state, cfg, step):
         if self.on:
-            write_samples(state.ema, state.diffusion, cfg, state.classes, self.device, self.out,
-                          self.writer, step)
+            write_samples(state.ema, state.diffusion, cfg, state.prompts or state.classes, self.device,
+                          self.out, self.writer, step)
 
 
-def write_graph(writer, model, classes):
+def grid_condition(model, names, device):
+    """The sample grid's rows as the model takes them, 8 samples each: class indices, or for a text
+    model its prompts as tokens. (8 L,) or (8 L, tokens)."""
+    y = dit.tokenize(names, model.max_caption_bytes) if isinstance(model, dit.TextDiT) else torch.arange(len(names))
+    return y.repeat_interleave(8, 0).to(device)
+
+
+def write_graph(writer, model, names):
     """The network in TensorBoard's Graphs tab, traced once at the start on a batch of two zero images
     (no random numbers drawn: exact resume holds). A model the tracer cannot follow is written as
     text instead, with a one-line warning; training goes on either way."""
     s, device = model.input_size, next(model.parameters()).device
     x = torch.zeros(2, model.in_channels, s, s, device=device)
-    t, y = torch.zeros(2, dtype=torch.long, device=device), torch.zeros(2, dtype=torch.long, device=device)
+    t, y = torch.zeros(2, dtype=torch.long, device=device), grid_condition(model, names, device)[:2]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the tracer's warnings about Python control flow
@@ -520,10 +560,11 @@ def write_graph(writer, model, classes):
 
 def write_samples(ema, diffusion, cfg, classes, device, out, writer, step):
     """samples/step_N.png, enlarged for people, and step_N_raw.png at the images' own size: row c
-    holds samples 0-7 of class c exactly as `python sample.py --label c` draws them with this run's
-    --sample-steps, --cfg-scale and --precision (one path, dit.draw, and sample.py's default seed)."""
-    y = torch.arange(len(classes), device=device).repeat_interleave(8)              # (8 L,), class-major
-    cfg_scale = cfg.cfg_scale if cfg.class_dropout > 0 else 1.0  # no null label, no guidance
+    holds samples 0-7 of class c (or of a text run's prompt c) exactly as `python sample.py --label
+    c` (--prompt "...") draws them with this run's --sample-steps, --cfg-scale, --cfg-interval and
+    --precision (one path, dit.draw, and sample.py's default seed)."""
+    y = grid_condition(ema, classes, device)                                        # (8 L,), row-major
+    cfg_scale = cfg.cfg_scale if cfg.class_dropout > 0 else 1.0  # no null condition, no guidance
     with autocast(cfg, device):
         for x in dit.draw(ema, diffusion, y, list(range(8)) * len(classes), SampleConfig.seed,
                           cfg.sample_steps, cfg_scale, interval=cfg.cfg_interval):
@@ -536,7 +577,7 @@ def write_samples(ema, diffusion, cfg, classes, device, out, writer, step):
     noise = torch.randn(8, *x.shape[1:], device=device, generator=torch.Generator(device).manual_seed(step))
     t = torch.full((8,), diffusion.num_timesteps - 1, device=device)
     with torch.no_grad():
-        prediction = ema(noise, t, torch.arange(8, device=device) % len(classes))               # (8, C, H, W)
+        prediction = ema(noise, t, y[torch.arange(8) * 8 % len(y)])                 # (8, C, H, W): rows 0-7
     writer.add_histogram("ema/prediction", prediction.float().cpu(), step)
 
 
@@ -838,6 +879,8 @@ def benchmark(cfg, proc):
     state = build_state(cfg, [str(i) for i in range(10)], proc)
     train_step = make_train_step(cfg, state, proc)
     x, y = torch.randn(batch, 3, s, s, device=device), torch.randint(0, 10, (batch,), device=device)
+    if is_text(cfg):  # captions of the built-in set's typical length
+        y = dit.tokenize(["a triangle in purple"] * batch).to(device)
     warmup, timed = (3, 10) if device.type == "cpu" else (15, 50)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -61,7 +61,7 @@ def judge(design, args, cfg_scale, device):
                                 "--cfg-interval", "0", "1000"])["recognised"]
     model, diffusion, classes = sample.load_model(run, device)
     cfg = SampleConfig(num=8, steps=50, cfg_scale=cfg_scale, cfg_interval=(0, 1000), seed=0)
-    images, _ = sample.generate(model, diffusion, list(range(len(classes))), cfg, device)
+    images, _ = sample.generate(model, diffusion, torch.arange(len(classes)), cfg, device)
     zoom = max(1, 64 // model.input_size)  # nearest-pixel enlargement: 16 px images are hard to see
     train.save_grid(images, Path(args.out) / f"conditioning_{design}.png", nrow=cfg.num, zoom=zoom)
     return recognised, len(classes)

@@ -222,7 +222,7 @@ def main(argv=None):
     cfg = SampleConfig(num=args.num, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
                        cfg_interval=tuple(args.cfg_interval), seed=args.seed)
     t0 = time.time()
-    images, _ = generate(model, diffusion, list(range(len(classes))), cfg, device)
+    images, _ = generate(model, diffusion, torch.arange(len(classes)), cfg, device)
     seconds = time.time() - t0
     if args.grid:
         first = images.cpu().view(len(classes), args.num, *images.shape[1:])[:, :8].flatten(0, 1)
