@@ -2723,6 +2723,15 @@ def test_a_text_run_trains_draws_its_prompts_and_sample_py_draws_the_same(tiny_d
     row = grid[2 * 17 + 1:3 * 17, 1:17]
     drawn = png_pixels(tmp_path / "s" / "a_blue_heart_000.png")
     assert (row.int() - drawn.int()).abs().max() <= 1 and drawn.float().std() > 0
+    # evaluate.py judges all 48 "a <colour> <shape>" prompts, the never-seen pairs apart.
+    result = evaluate.main(["--ckpt", str(out), "--num", "2", "--steps", "2"])
+    assert len(result["per_pair"]) == 48
+    held = [dataset.shape_prompt(shape, colour) for colour, shape in dataset.TEXT_HOLDOUT]
+    for key, index, prompts_of in (("held_shape", 0, held), ("held_colour", 1, held),
+                                   ("seen_colour", 1, [p for p in result["per_pair"] if p not in held])):
+        mean = sum(result["per_pair"][p][index] for p in prompts_of) / len(prompts_of)
+        assert result[key] == pytest.approx(mean)
+    assert sum(result["plain_colours"]) == pytest.approx(1.0)
     with pytest.raises(SystemExit, match='--label is for class runs; this run was trained on captions'):
         run_sample(out, tmp_path / "l", "--label", "1")
     with pytest.raises(SystemExit, match="this run was trained on captions: say what to draw"):

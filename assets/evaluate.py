@@ -8,6 +8,11 @@ colours against the data's)?
     python assets/evaluate.py                               # runs/default, 32 DDIM samples per class
     python assets/evaluate.py --ckpt runs/mine --sampler ddpm --steps 1000
     python assets/evaluate.py --cfg-scale 3 --cfg-interval 0 1000   # guidance at every step
+    python assets/evaluate.py --ckpt runs/text              # a text run: prompts, held-out pairs apart
+
+For a text run (train.py --preset text) it prompts "a <colour> <shape>" for all 48 pairs and
+judges the shape by the CNN and the colour by the palette, the pairs the run never saw apart,
+and prompts "a <shape>" to see whether the colours then spread as the data's do.
 
 The Frechet distance here is FID's formula on OUR classifier's 128 penultimate features, not on
 Inception's: its numbers compare only with each other, at equal sample counts (the estimate is
@@ -19,6 +24,7 @@ Not a run-time part of the project: it only measures. The classifier is cached b
 """
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -30,7 +36,9 @@ from torchvision.utils import save_image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from config import SampleConfig  # noqa: E402
-from dataset import MARKER, PALETTE, ImageFolder  # noqa: E402
+import dit  # noqa: E402
+from dataset import (COLOUR_NAMES, MARKER, PALETTE, SHAPES, TEXT_HOLDOUT, CaptionFolder, ImageFolder,  # noqa: E402
+                     shape_prompt)
 from sample import generate, load_model  # noqa: E402
 from train import BUILTIN_DATA, load_checkpoint, resolve_device  # noqa: E402
 
@@ -189,10 +197,51 @@ def judge(net, images, real_a, real_b, num_classes, palette):
     return result
 
 
+# -----------------------------------------------------------------------------
+# A text run (train.py --preset text): does it draw what a prompt says, also for unseen pairs?
+# -----------------------------------------------------------------------------
+
+def judge_prompts(net, model, diffusion, data_dir, image_size, cfg, device):
+    """On the built-in shapes: cfg.num samples of "a <colour> <shape>" for all 48 pairs, the shape
+    judged by the classifier and the colour by the palette; the pairs of dataset.TEXT_HOLDOUT were
+    never in training, so their scores measure composition. Then 2 * cfg.num samples of "a <shape>"
+    for every shape, whose colours should spread as the training images' do."""
+    pairs = [(colour, shape) for colour in COLOUR_NAMES for shape in SHAPES]
+    prompts = [shape_prompt(shape, colour) for colour, shape in pairs]
+    images, _ = generate(model, diffusion, dit.tokenize(prompts), cfg, device)
+    with torch.no_grad():
+        shape_hit = net(images * 2 - 1).argmax(1) == torch.tensor([SHAPES.index(s) for _, s in pairs]
+                                                                   ).repeat_interleave(cfg.num)
+    colour_hit = palette_colours(images) == torch.tensor([COLOUR_NAMES.index(c) for c, _ in pairs]
+                                                         ).repeat_interleave(cfg.num)
+    held = torch.tensor([pair in TEXT_HOLDOUT for pair in pairs]).repeat_interleave(cfg.num)
+    per_pair = {prompt: (s.float().mean().item(), c.float().mean().item()) for prompt, s, c in
+                zip(prompts, shape_hit.view(len(pairs), -1), colour_hit.view(len(pairs), -1))}
+    plain = dataclasses.replace(cfg, num=2 * cfg.num)
+    plain_images, _ = generate(model, diffusion, dit.tokenize([shape_prompt(s) for s in SHAPES]), plain, device)
+    real = CaptionFolder(data_dir, image_size, split="train")
+    data_hist = colour_histogram(torch.stack([real[i][0] for i in range(len(real))]) / 2 + 0.5)
+    plain_hist = colour_histogram(plain_images)
+    result = {"seen_shape": shape_hit[~held].float().mean().item(), "seen_colour": colour_hit[~held].float().mean().item(),
+              "held_shape": shape_hit[held].float().mean().item(), "held_colour": colour_hit[held].float().mean().item(),
+              "per_pair": per_pair, "plain_colours": plain_hist.tolist(),
+              "plain_colour_tv": total_variation(plain_hist, data_hist)}
+    print(f"prompts 'a <colour> <shape>', {cfg.num} samples each: seen pairs shape {100 * result['seen_shape']:.1f}%, "
+          f"colour {100 * result['seen_colour']:.1f}%; held-out pairs (never in training) shape "
+          f"{100 * result['held_shape']:.1f}%, colour {100 * result['held_colour']:.1f}%")
+    for colour, shape in TEXT_HOLDOUT:
+        hit_shape, hit_colour = per_pair[shape_prompt(shape, colour)]
+        print(f"  held out {shape_prompt(shape, colour):>20s}: shape {100 * hit_shape:5.1f}%, colour {100 * hit_colour:5.1f}%")
+    shares = " ".join(f"{name} {100 * p:.0f}%" for name, p in zip(COLOUR_NAMES, plain_hist.tolist()))
+    print(f"prompts 'a <shape>' (no colour), {plain.num} each: colours {shares}; total variation to the "
+          f"training images' colours {result['plain_colour_tv']:.3f}")
+    return result
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", default="runs/default")
-    parser.add_argument("--num", type=int, default=32, help="samples per class")
+    parser.add_argument("--num", type=int, default=None, help="samples per class (32), or per prompt of a text run (8)")
     defaults = SampleConfig()  # sample.py's defaults: the score is what a user of sample.py sees
     parser.add_argument("--sampler", default=defaults.sampler, choices=("auto", "ddim", "ddpm", "euler", "heun"))
     parser.add_argument("--steps", type=int, default=defaults.steps)
@@ -202,7 +251,7 @@ def main(argv=None):
     parser.add_argument("--grid", default="", help="also save the first 8 samples per class here, 4x enlarged")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
-    if args.num < 2:
+    if args.num is not None and args.num < 2:
         parser.error("--num: expected an integer >= 2 (a covariance needs two samples)")
 
     state = load_checkpoint(args.ckpt)
@@ -212,21 +261,23 @@ def main(argv=None):
     data = ImageFolder(data_dir, image_size)
     net = load_classifier(data, data_dir, image_size, run_dir)
     classes = data.classes
-    real_a, real_b, borrowed = real_reference(data, args.num)
+    device = resolve_device("auto")
+    model, diffusion, model_classes = load_model(args.ckpt, device)
+    cfg = SampleConfig(num=args.num or (8 if model_classes is None else 32), sampler=args.sampler, steps=args.steps,
+                       cfg_scale=args.cfg_scale, cfg_interval=tuple(args.cfg_interval), seed=args.seed)
+    if model_classes is None:  # a text run
+        return judge_prompts(net, model, diffusion, data_dir, image_size, cfg, device)
+    real_a, real_b, borrowed = real_reference(data, cfg.num)
     if borrowed:
         print(f"note: {borrowed} real reference images come from the classifier's training split")
 
-    device = resolve_device("auto")
-    model, diffusion, model_classes = load_model(args.ckpt, device)
     assert model_classes == classes, "the run's classes differ from its data set's"
-    cfg = SampleConfig(num=args.num, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
-                       cfg_interval=tuple(args.cfg_interval), seed=args.seed)
     t0 = time.time()
     images, _ = generate(model, diffusion, torch.arange(len(classes)), cfg, device)
     seconds = time.time() - t0
     if args.grid:
-        first = images.cpu().view(len(classes), args.num, *images.shape[1:])[:, :8].flatten(0, 1)
-        save_image(F.interpolate(first, scale_factor=4, mode="nearest"), args.grid, nrow=min(8, args.num))
+        first = images.cpu().view(len(classes), cfg.num, *images.shape[1:])[:, :8].flatten(0, 1)
+        save_image(F.interpolate(first, scale_factor=4, mode="nearest"), args.grid, nrow=min(8, cfg.num))
 
     result = judge(net, images.cpu(), real_a, real_b, len(classes), palette=(Path(data_dir) / MARKER).is_file())
     for name, acc in zip(classes, result["per_class"]):
