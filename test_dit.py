@@ -1726,3 +1726,35 @@ def test_ckpt_may_name_the_checkpoints_folder(tiny_run, tmp_path):
     a = run_sample(tiny_run[0], tmp_path / "a", "--label", "1")
     b = run_sample(tiny_run[0] / "checkpoints", tmp_path / "b", "--label", "1")
     assert torch.equal(a, b)
+
+
+# -----------------------------------------------------------------------------
+# Issue 21: the prepared GPU check (assets/gpu_check.sh), dry-run on the CPU
+# -----------------------------------------------------------------------------
+
+def test_gpu_check_runs_every_stage_at_toy_sizes_on_the_cpu(tmp_path):
+    # A GPU session is short and rare, so its one command must work the first time: every stage
+    # runs here at toy sizes through the same code (the kernel interpreted), passes its checks,
+    # and leaves its result within what a device run returns (8 plain files, simple names).
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", "assets/gpu_check.sh", "--cpu-smoke", str(out)], cwd=Path(__file__).parent,
+                          env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    summary = (out / "summary.txt").read_text().splitlines()
+    stages = {line[0]: line for line in summary if line[:2] in ("a ", "b ", "c ", "d ", "e ")}
+    results = {"a": "a_kernel.txt", "b": "b_step.txt", "c": "c_attention.md", "d": "d_train.md",
+               "e": "e_preset.txt"}
+    assert sorted(stages) == sorted(results)
+    for letter, name in results.items():
+        assert stages[letter].startswith(f"{letter} ok |") and f"| {name} |" in stages[letter]
+    for name in ("a_kernel.txt", "b_step.txt", "e_preset.txt"):  # each check said so itself
+        assert (out / name).read_text().splitlines()[-1] == "RESULT: ok", name
+    kernel = (out / "a_kernel.txt").read_text()
+    assert "2 passed, 0 failed" in kernel and kernel.count("| ok (tolerance") == 3  # the three toy shapes
+    assert "| toy | B=1 H=2 N=33 D=72 | ours (Triton) |" in (out / "c_attention.md").read_text()
+    assert (out / "d_train.md").read_text().count("| DiT-Mi/2 |") == 2  # batch 2, then the doubled batch
+    assert Image.open(out / "e_grid.png").width >= 512  # the enlarged sample grid
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) <= 8 and all(p.parent == out for p in files)
+    assert all(c.isalnum() or c in "._-" for p in files for c in p.name)
