@@ -9,8 +9,8 @@ Our Triton FlashAttention (flash_attn_triton.py) against PyTorch's SDPA backends
 memory-efficient, cuDNN, each where this PyTorch has it and it accepts the shape) and plain
 PyTorch ops, in bf16, non-causal. For each shape it first checks our output against SDPA, then
 times the forward pass and forward+backward with triton.testing.do_bench (medians) and records
-the peak memory of one forward+backward. The last table divides our TFLOP/s by the best SDPA
-backend's. The first call of our kernel for each shape autotunes it: expect a few minutes, or
+the peak memory of one forward+backward. A second table divides our TFLOP/s by the best SDPA
+backend's, and a third lists the block sizes our autotuner chose. The first call of our kernel for each shape autotunes it: expect a few minutes, or
 about a third of that with `--autotune quick`. `--smoke` runs the same code at toy sizes on the
 CPU (the kernel in Triton's interpreter, a wall-clock timer), so that the script cannot rot
 between GPU sessions; its numbers mean nothing. assets/gpu_check.sh runs both.
@@ -43,11 +43,12 @@ SHAPES = [  # (workload, B, H, N, D): the paper's models at 256 tokens, then lon
 ]
 SMOKE_SHAPES = [("toy", 1, 2, 33, 72)]  # ragged against every block, head dim padded to 128
 
-# The autotune candidates that usually win for FlashAttention-2 in Triton on Hopper (the Triton
-# tutorial's choices and their neighbours), plus the smallest tile, which fits any dtype and head
-# dim. --autotune quick keeps only these of flash_attn_triton's lists (14 configs instead of 36),
-# so that a new shape compiles and times a third as many. Each is (BLOCK_M, BLOCK_N, warps, stages):
-# BLOCK_M always tiles the queries and BLOCK_N the keys, also in dK/dV, where a program owns keys.
+# The autotune candidates most likely to win on Hopper (the Triton tutorial's FlashAttention
+# choices and their neighbours: a guess until a GPU run's third table shows which win), plus the
+# smallest tile, which fits any dtype and head dim. --autotune quick keeps only these of
+# flash_attn_triton's lists (14 configs instead of 36), so that a new shape compiles and times a
+# third as many. Each is (BLOCK_M, BLOCK_N, warps, stages): BLOCK_M always tiles the queries and
+# BLOCK_N the keys, also in dK/dV, where a program owns keys.
 QUICK_CONFIGS = {
     "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
     "dkdv": [(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3)],
