@@ -243,7 +243,7 @@ def run_kernel_tests(report, smoke):
 
     args = ["-q", "-p", "no:cacheprovider", "-p", "gpu_check", "-rfE", "--tb=short", str(ROOT / "test_dit.py")]
     if smoke:  # two quick ones: this checks the plumbing, the CPU suite checks the kernel
-        args += ["-k", "logsumexp or rejects_invalid"]
+        args += ["-k", "test_logsumexp_is_stored_in_base_2 or test_rejects_invalid_inputs"]
     elif importlib.util.find_spec("xdist"):
         args += ["-n", str(max(1, min(8, (os.cpu_count() or 2) // 2)))]
     # Worker processes import this plugin by name.
@@ -297,9 +297,9 @@ def one_step(argv, x, y, seed):
     """Loss and gradients of one train.py step (its parser, state and step function), from weights
     that are random everywhere: adaLN-Zero's zero gates would give attention no gradient at all."""
     import train
-    from config import TrainConfig, parse_args
+    from config import TRAIN_PRESETS, TrainConfig, parse_args
 
-    cfg = parse_args(TrainConfig, argv, train.TRAIN_PRESETS)
+    cfg = parse_args(TrainConfig, argv, TRAIN_PRESETS)
     proc = train.Process(0, 1, x.device)
     state = train.build_state(cfg, [str(i) for i in range(10)], proc)
     gen = torch.Generator().manual_seed(seed)
