@@ -1751,7 +1751,7 @@ def test_gpu_check_runs_every_stage_at_toy_sizes_on_the_cpu(tmp_path):
     for name in ("a_kernel.txt", "b_step.txt", "e_preset.txt"):  # each check said so itself
         assert (out / name).read_text().splitlines()[-1] == "RESULT: ok", name
     kernel = (out / "a_kernel.txt").read_text()
-    shapes = 3 + ("checked below" in kernel)  # self, fused qkv, cross; key lengths once the kernel takes them
+    shapes = 3 + ("takes none yet" not in kernel)  # self, fused qkv, cross; key lengths once the kernel takes them
     assert " 0 failed," in kernel and kernel.count("| ok (tolerance") == shapes
     assert "| toy | B=1 H=2 N=33 D=72 | ours (Triton) |" in (out / "c_attention.md").read_text()
     assert (out / "d_train.md").read_text().count("| DiT-Mi/2 |") == 2  # batch 2, then the doubled batch

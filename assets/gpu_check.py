@@ -29,8 +29,9 @@ import platform
 import re
 import shutil
 import sys
+import threading
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 from typing import NamedTuple
@@ -244,7 +245,7 @@ def run_kernel_tests(report, smoke):
     args = ["-q", "-p", "no:cacheprovider", "-p", "gpu_check", "-rfE", "--tb=short", str(ROOT / "test_dit.py")]
     if smoke:  # two quick ones: this checks the plumbing, the CPU suite checks the kernel
         args += ["-k", "test_logsumexp_is_stored_in_base_2 or test_rejects_invalid_inputs"]
-    elif importlib.util.find_spec("xdist"):
+    elif importlib.util.find_spec("xdist"):  # half the cores: the shapes' workers have the rest
         args += ["-n", str(max(1, min(8, (os.cpu_count() or 2) // 2)))]
     # Worker processes import this plugin by name.
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ASSETS), str(ROOT), os.environ.get("PYTHONPATH", "")])
@@ -259,34 +260,43 @@ def run_kernel_tests(report, smoke):
 
 
 def stage_kernel(out, smoke):
+    """test_dit.py's kernel tests and the GPU-only shapes at the same time: both mostly wait for
+    Triton's compiler, one process per CPU core or so, while the GPU idles. Lines are written as
+    they come, so they interleave; each says what it is."""
     dev = device()
-    report = Report(out, f"# (a) Kernel correctness, compiled: {environment()}")
-    report.add("## test_dit.py's kernel tests on this device (each autotuned kernel pinned to one small config)")
-    run_kernel_tests(report, smoke)
-    report.add()
+    report = Report(out, f"# (a) Kernel correctness, compiled: {environment()}\n\n"
+                         "test_dit.py's kernel tests on this device (each autotuned kernel pinned to one small "
+                         "config), and GPU-only shapes under every --autotune quick config (o, dq, dk, dv: "
+                         "largest error relative to the largest magnitude of a float64 reference)")
     key_lengths = key_length_parameter()
-    report.add("## GPU-only shapes under every --autotune quick config: error relative to max |float64 reference|")
-    report.add("key lengths: " + (f"flash_attention takes {key_lengths!r}: checked below" if key_lengths else
+    report.add("key lengths: " + (f"flash_attention takes {key_lengths!r}: checked" if key_lengths else
                                   "flash_attention takes none yet (no parameter with 'len' in its name): skipped"))
     groups = case_groups(smoke, key_lengths)
-    workers = 1 if smoke or dev.type != "cuda" else min(len(groups), max(1, (os.cpu_count() or 2) - 4))
+    workers = 1 if smoke or dev.type != "cuda" else min(len(groups), max(1, (os.cpu_count() or 2) // 2))
     start = time.time()
     if workers == 1:
+        run_kernel_tests(report, smoke)
         for cases in groups:
             for line, ok in check_group(cases, smoke):
                 report.add(line, ok)
-    else:  # spawn: a CUDA process cannot fork
+    else:  # spawn: a process that uses CUDA cannot fork
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-            futures = {pool.submit(check_group, cases, smoke): cases[0] for cases in groups}
-            for future in as_completed(futures):
-                try:
-                    for line, ok in future.result():
-                        report.add(line, ok)
-                except Exception as err:  # noqa: BLE001  (a worker that died: say which group)
-                    report.add(f"{futures[future].label} D={futures[future].D} {futures[future].dtype}: "
-                               f"FAIL worker died: {type(err).__name__}: {err}", False)
-    report.add(f"({len(groups)} groups in {workers} processes, {time.time() - start:.0f} s)")
+            for cases in groups:
+                pool.submit(check_group, cases, smoke).add_done_callback(
+                    lambda future, first=cases[0]: record_group(report, first, future))
+            run_kernel_tests(report, smoke)  # meanwhile the pool compiles and checks
+    report.add(f"(shapes: {len(groups)} groups in {workers} processes, {time.time() - start:.0f} s with the tests)")
     return report.finish()
+
+
+def record_group(report, first, future):
+    """A group's lines into the report as soon as its worker returns them."""
+    try:
+        for line, ok in future.result():
+            report.add(line, ok)
+    except Exception as err:  # noqa: BLE001  (a worker that died: say which group)
+        report.add(f"{first.label} D={first.D} {first.dtype} {first.layout}: FAIL, its worker died: "
+                   f"{type(err).__name__}: {err}", False)
 
 
 # -----------------------------------------------------------------------------
@@ -500,15 +510,17 @@ class Report:
 
     def __init__(self, path, title):
         self.path, self.lines, self.failures = Path(path), [title, ""], []
+        self.lock = threading.Lock()  # stage a adds lines from a second thread
         print(title)
         self.flush()
 
     def add(self, line="", ok=True):
-        print(line)
-        self.lines.append(line)
-        if not ok:
-            self.failures.append(line)
-        self.flush()
+        with self.lock:
+            print(line)
+            self.lines.append(line)
+            if not ok:
+                self.failures.append(line)
+            self.flush()
 
     def flush(self):
         tmp = self.path.with_name(self.path.name + ".tmp")
