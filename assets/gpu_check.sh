@@ -94,7 +94,7 @@ run_stage() {
     say "=== stage $letter: $status in $((SECONDS - start)) s ==="
 }
 
-say "gpu_check.sh $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(hostname): stages $only$( ((smoke)) && echo ', CPU smoke run')"
+say "gpu_check.sh $(date -u +%Y-%m-%dT%H:%M:%SZ) on ${HOSTNAME:-?}: stages $only$( ((smoke)) && echo ', CPU smoke run')"
 if command -v nvidia-smi >/dev/null; then
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,power.limit --format=csv,noheader \
         2>&1 | tee -a "$log" "$summary"
