@@ -2743,3 +2743,35 @@ def test_a_text_run_trains_draws_its_prompts_and_sample_py_draws_the_same(tiny_d
 def test_prompt_on_a_class_run_is_a_clear_error(tiny_run, tmp_path):
     with pytest.raises(SystemExit, match=r"--prompt is for runs trained on captions \(train.py --preset text\)"):
         run_sample(tiny_run[0], tmp_path, "--prompt", "a red star")
+
+
+# Issue 21: the prepared GPU check (assets/gpu_check.sh), dry-run on the CPU
+# -----------------------------------------------------------------------------
+
+def test_gpu_check_runs_every_stage_at_toy_sizes_on_the_cpu(tmp_path):
+    # A GPU session is short and rare, so its one command must work the first time: every stage
+    # runs here at toy sizes through the same code (the kernel interpreted), passes its checks,
+    # and leaves its result within what a device run returns (8 plain files, simple names).
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", "assets/gpu_check.sh", "--cpu-smoke", str(out)], cwd=Path(__file__).parent,
+                          env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    summary = (out / "summary.txt").read_text().splitlines()
+    stages = {line[0]: line for line in summary if line[:2] in ("a ", "b ", "c ", "d ", "e ")}
+    results = {"a": "a_kernel.txt", "b": "b_step.txt", "c": "c_attention.md", "d": "d_train.md",
+               "e": "e_preset.txt"}
+    assert sorted(stages) == sorted(results)
+    for letter, name in results.items():
+        assert stages[letter].startswith(f"{letter} ok |") and f"| {name} |" in stages[letter]
+    for name in ("a_kernel.txt", "b_step.txt", "e_preset.txt"):  # each check said so itself
+        assert (out / name).read_text().splitlines()[-1] == "RESULT: ok", name
+    kernel = (out / "a_kernel.txt").read_text()
+    shapes = 3 + ("takes none yet" not in kernel)  # self, fused qkv, cross; key lengths once the kernel takes them
+    assert " 0 failed," in kernel and kernel.count("| ok (tolerance") == shapes
+    assert "| toy | B=1 H=2 N=33 D=72 | ours (Triton) |" in (out / "c_attention.md").read_text()
+    assert (out / "d_train.md").read_text().count("| DiT-Mi/2 |") == 2  # batch 2, then the doubled batch
+    assert Image.open(out / "e_grid.png").width >= 512  # the enlarged sample grid
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) <= 8 and all(p.parent == out for p in files)
+    assert all(c.isalnum() or c in "._-" for p in files for c in p.name)

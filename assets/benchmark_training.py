@@ -50,9 +50,8 @@ def largest_batch(model, image_size, start, limit, **options):
     return best
 
 
-def table(rows, device):
-    lines = [f"Training throughput on {device}, measured by `python assets/benchmark_training.py` "
-             f"(torch {torch.__version__}).", "",
+def table(rows, device, command="python assets/benchmark_training.py"):
+    lines = [f"Training throughput on {device}, measured by `{command}` (torch {torch.__version__}).", "",
              "| model | batch | attention | precision | compile | grad ckpt | img/s | ms/step | peak GiB | TFLOP/s | MFU |",
              "|---|---:|---|---|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
