@@ -18,6 +18,7 @@ import dataclasses
 import inspect
 import json
 import math
+import re
 import shutil
 import signal
 import subprocess
@@ -37,7 +38,7 @@ import flash_attn_triton
 import sample
 import train
 from config import ConfigError, SampleConfig, TrainConfig, TRAIN_PRESETS, parse_args
-from dataset import (IMAGE_EXTENSIONS, DatasetError, ImageFolder, check_batch_size,
+from dataset import (DatasetError, ImageFolder, check_batch_size,
                      ensure_builtin_dataset, make_shapes_dataset)
 from flash_attn_triton import flash_attention
 
@@ -164,7 +165,10 @@ def test_guidance_is_the_guided_mix(conditioning):
     out = dit.guided_model_fn(model, y, scale)(x, t)
     torch.testing.assert_close(out[:, :3], uncond[:, :3] + scale * (cond[:, :3] - uncond[:, :3]), atol=1e-5, rtol=0)
     torch.testing.assert_close(out[:, 3:], cond[:, 3:], atol=1e-6, rtol=0)  # variance: the conditional one
-    assert (cond - uncond).abs().max() > 1e-3  # the null label is a different condition
+    # The null label is a different condition for every sample: measured 0.011 to 0.039 mean absolute
+    # change per sample. Per sample, because a max over the batch passed when one label was the null
+    # one (y = 4 is num_classes - 1, where an off-by-one null index would land).
+    assert ((cond - uncond).abs().mean(dim=(1, 2, 3)) > 3e-3).all()
     assert torch.equal(dit.guided_model_fn(model, y, 1.0)(x, t), cond)  # scale 1: purely conditional
 
 
@@ -197,7 +201,7 @@ def test_attention_backends_agree():
         torch.manual_seed(1)  # the same weights for each backend
         model = randomize(tiny_model(attn_backend=backend)).to(DEVICE).eval()
         outputs[backend] = model(x, t, y)
-    assert outputs["math"].abs().max() > 1e-2
+    assert outputs["math"].abs().mean() > 0.1  # measured 0.28: a real output, so atol 1e-5 below means something
     torch.testing.assert_close(outputs["sdpa"], outputs["math"], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(outputs["triton"], outputs["math"], atol=1e-4, rtol=1e-3)
 
@@ -343,15 +347,16 @@ def test_each_design_starts_as_designed(conditioning):
     tokens = torch.randn(2, 16, 64)
     if conditioning == "in-context":  # t and y are tokens; the LayerNorms have a scale and shift of their own
         assert block.norm1.weight.shape == (64,) and not hasattr(block, "adaLN_modulation")
-        assert (block(tokens, None) - tokens).abs().max() > 1e-2  # an ordinary block from the start
+        assert (block(tokens, None) - tokens).abs().mean() > 0.1  # an ordinary block from the start (0.43)
         return
     c = torch.randn(2, 2, 64) if conditioning == "cross-attn" else torch.randn(2, 64)  # [t; y] or t + y
     out = block(tokens, c)
     if conditioning == "adaln-zero":
         assert torch.equal(out, tokens)
     else:  # ordinary initialisation: c changes the block's output from the first step
-        assert (out - tokens).abs().max() > 1e-2
-        assert (block(tokens, torch.randn_like(c)) - out).abs().max() > 1e-3
+        # mean changes of 0.5 to 0.7 measured; a block left at identity, or blind to c, gives 0
+        assert (out - tokens).abs().mean() > 0.1
+        assert (block(tokens, torch.randn_like(c)) - out).abs().mean() > 0.1
 
 
 def test_in_context_block_is_a_standard_vit_block():
@@ -395,7 +400,8 @@ def test_each_design_is_conditioned_on_t_and_y_per_sample(conditioning):
     out = model(x, t, y)
     for t2, y2 in [(t, torch.tensor([2, 3, 4])), (torch.tensor([600, 400, 900]), y)]:  # sample 0 changes
         other = model(x, t2, y2)
-        assert (other[0] - out[0]).abs().max() > 1e-3              # its output follows its t and y ...
+        # mean changes of 0.010 to 0.068 measured; a mean, so that a few stray pixels cannot pass
+        assert (other[0] - out[0]).abs().mean() > 3e-3             # its output follows its t and y ...
         torch.testing.assert_close(other[1:], out[1:], atol=1e-6, rtol=0)  # ... and no other sample's
 
 
@@ -548,7 +554,7 @@ def test_ddim_with_eta_one_matches_ddpm():
     torch.testing.assert_close(samples[1], samples[0], atol=1e-5, rtol=1e-5)
     deterministic = d.sample(model_fn, noise, sampler="ddim", steps=50, eta=0.0,
                              generator=torch.Generator().manual_seed(1))
-    assert (deterministic - samples[0]).abs().max() > 1e-2
+    assert (deterministic - samples[0]).abs().mean() > 0.3  # 1.03 measured: eta really adds noise
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
@@ -815,11 +821,11 @@ def test_rejects_invalid_inputs():
             flash_attention(q, k, v)
     with pytest.raises(ValueError, match="4-D"):
         flash_attention(q[0], q[0], q[0])
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="must share a dtype"):
         flash_attention(q, q.half(), q)  # mixed dtypes
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="supports float16, bfloat16 and float32, not torch.float64"):
         flash_attention(q.double(), q.double(), q.double())
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="head dim 256 > 128 is not supported"):
         big = torch.randn(1, 1, 4, 256, device=DEVICE)
         flash_attention(big, big, big)  # head dim above the supported maximum
 
@@ -930,8 +936,16 @@ def rgb(x):
     return ((x.mean(dim=(1, 2)) + 1) * 127.5).tolist()
 
 
-def test_image_extensions():
-    assert IMAGE_EXTENSIONS == (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+def test_webp_and_bmp_files_load(tmp_path):
+    # Written by PIL and read back through ImageFolder (lossless WebP, so the colour is exact);
+    # the suffix's case does not matter.
+    (tmp_path / "a").mkdir()
+    Image.new("RGB", (8, 8), RED).save(tmp_path / "a" / "pic.webp", lossless=True)
+    solid(tmp_path / "b" / "pic.BMP", (6, 10), GREEN)
+    data = ImageFolder(tmp_path, image_size=4)
+    assert data.classes == ["a", "b"] and len(data) == 2
+    assert rgb(data[0][0]) == pytest.approx(list(RED), abs=1)
+    assert rgb(data[1][0]) == pytest.approx(list(GREEN), abs=1)
 
 
 def test_loads_classes_labels_shapes_and_range(tmp_path):
@@ -1121,6 +1135,9 @@ def test_ensure_builtin_dataset_regenerates_only_when_incomplete(tmp_path, monke
 class Killed(Exception):
     """Stands in for the process being killed midway."""
 
+    def __init__(self):
+        super().__init__("killed while drawing")
+
 
 def test_interrupted_generation_never_looks_complete(tmp_path, monkeypatch):
     real, budget = dataset.draw_shape, {"images": 5}
@@ -1133,14 +1150,14 @@ def test_interrupted_generation_never_looks_complete(tmp_path, monkeypatch):
 
     root, small = tmp_path / "shapes", dict(images_per_class=2, image_size=8)
     monkeypatch.setattr(dataset, "draw_shape", dies_midway)
-    with pytest.raises(Killed):
+    with pytest.raises(Killed, match="killed while drawing"):
         ensure_builtin_dataset(root, **small)
     assert not root.exists()  # nothing half-written under the real name
 
     budget["images"] = 8
     ensure_builtin_dataset(root, images_per_class=1, image_size=8)  # a complete set...
     budget["images"] = 5
-    with pytest.raises(Killed):  # ...survives a killed regeneration
+    with pytest.raises(Killed, match="killed while drawing"):  # ...survives a killed regeneration
         ensure_builtin_dataset(root, **small)
     assert (root / dataset.MARKER).exists() and len(ImageFolder(root, image_size=8)) == 8
 
@@ -1210,9 +1227,8 @@ def test_config_presets_apply_before_overrides():
     (["--prediction", "x"], "argument --prediction: invalid choice: 'x'"),
 ])
 def test_config_errors_name_the_problem(argv, message):
-    with pytest.raises(ConfigError) as caught:
+    with pytest.raises(ConfigError, match=re.escape(message)):
         parse_args(TrainConfig, argv, TRAIN_PRESETS)
-    assert message in str(caught.value)
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -1223,9 +1239,8 @@ def test_config_errors_name_the_problem(argv, message):
     (["--eta", "2"], "argument --eta: expected a number in [0, 1], got '2'"),
 ])
 def test_sample_config_ranges(argv, message):
-    with pytest.raises(ConfigError) as caught:
+    with pytest.raises(ConfigError, match=re.escape(message)):
         parse_args(SampleConfig, argv)
-    assert message in str(caught.value)
 
 
 def test_every_default_and_preset_is_in_its_declared_range():
@@ -1376,7 +1391,7 @@ def test_a_signal_saves_a_checkpoint_and_exits_with_128_plus_its_number(tiny_dat
         os.kill(os.getpid(), sig)
 
     threading.Thread(target=signal_once_training, daemon=True).start()
-    with pytest.raises(SystemExit) as exited:
+    with pytest.raises(SystemExit, match=f"^{status}$") as exited:  # SystemExit's text is its code
         train.main(tiny_args(tiny_data, tmp_path, 100_000, "--ckpt-every", "1000"))
     assert exited.value.code == status
     printed = capsys.readouterr().out
@@ -1683,7 +1698,9 @@ def test_same_seed_same_images_other_label_other_images(tiny_run, tmp_path):
     b = run_sample(tiny_run[0], tmp_path / "b", "--label", "2", "--seed", "7")
     c = run_sample(tiny_run[0], tmp_path / "c", "--label", "5", "--seed", "7")
     assert torch.equal(a, b)
-    assert (a - c).abs().max() > 1e-3
+    # Another label moves each pixel by 0.071 on average (against 0.25 for another seed); the old
+    # bound, max > 1e-3 over all pixels, also passed a model whose labels barely matter.
+    assert (a - c).abs().mean() > 0.02
 
 
 def test_images_do_not_depend_on_the_batch_size(tiny_run):
@@ -1709,7 +1726,7 @@ def test_cfg_scale_one_is_the_conditional_model(tiny_run):
     torch.testing.assert_close(ours, (ref.clamp(-1, 1) + 1) / 2)
     guided, _ = sample.generate(model, diffusion, torch.tensor([1]), SampleConfig(num=2, steps=4, cfg_scale=4.0, seed=3),
                                 torch.device("cpu"))
-    assert (guided - ours).abs().max() > 1e-4
+    assert (guided - ours).abs().mean() > 0.01  # 0.031 measured
 
 
 def test_sample_errors_are_clear(tiny_run, tmp_path, monkeypatch):
@@ -2775,3 +2792,350 @@ def test_gpu_check_runs_every_stage_at_toy_sizes_on_the_cpu(tmp_path):
     files = [p for p in out.rglob("*") if p.is_file()]
     assert len(files) <= 8 and all(p.parent == out for p in files)
     assert all(c.isalnum() or c in "._-" for p in files for c in p.name)
+
+
+# Issue 23: what a reader trusts, pinned. Each test asserts a closed form or an invariant that a
+# one-line bug breaks (the edits tried against them are listed in the issue's closing note).
+# Unit tests of the trainer's functions where they suffice; one short run for the loop's wiring.
+# -----------------------------------------------------------------------------
+
+def test_learning_rate_warms_up_then_decays_to_a_tenth_of_the_peak():
+    cfg = TrainConfig(lr=1e-3, warmup_steps=4, steps=104, lr_schedule="cosine")
+    # Warm-up: (step + 1) / 4 of the peak, so the very first step already learns. Then
+    # 0.1 + 0.9 (1 + cos(pi p)) / 2 at progress p = (step - 4) / 100: 1 at p = 0, 0.55 at
+    # p = 1/2, 0.1 at p = 1 and for ever after (the floor).
+    expected = {0: 0.25, 1: 0.5, 3: 1.0, 4: 1.0, 29: 0.1 + 0.45 * (1 + math.cos(math.pi / 4)), 54: 0.55,
+                104: 0.1, 105: 0.1, 10**6: 0.1}
+    for step, fraction in expected.items():
+        assert train.learning_rate(cfg, step) == pytest.approx(1e-3 * fraction, rel=1e-12, abs=0), step
+    lrs = [train.learning_rate(cfg, s) for s in range(110)]
+    assert all(a < b for a, b in zip(lrs[:4], lrs[1:4])) and all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+    constant = dataclasses.replace(cfg, lr_schedule="constant")
+    assert [train.learning_rate(constant, s) for s in (0, 3, 4, 104, 10**6)] == pytest.approx(
+        [0.25e-3, 1e-3, 1e-3, 1e-3, 1e-3], rel=1e-12)
+    assert train.learning_rate(dataclasses.replace(cfg, warmup_steps=0), 0) == pytest.approx(1e-3, rel=1e-12)
+
+
+def test_ema_decay_warms_up_to_its_ceiling():
+    cfg = TrainConfig(ema_decay=0.9)
+    # (1 + step) / (10 + step) until it reaches --ema-decay: early on the average forgets the
+    # random initialisation quickly.
+    assert [train.ema_decay(cfg, s) for s in (0, 10, 70, 89, 10**6)] == pytest.approx(
+        [0.1, 11 / 20, 71 / 80, 0.9, 0.9], rel=1e-12)
+
+
+def test_update_ema_is_the_closed_form_weighted_average():
+    """After updates with decays d_0 .. d_{N-1} towards weights w_0 .. w_{N-1}, the EMA is
+    prod_k d_k * e_init + sum_j (1 - d_j) prod_{k > j} d_k * w_j: old weights fade geometrically."""
+    ema, model = nn.Linear(3, 2), nn.Linear(3, 2)
+    start = [p.detach().double().clone() for p in ema.parameters()]
+    cfg, gen, seen = TrainConfig(ema_decay=0.3), torch.Generator().manual_seed(0), []
+    for step in range(6):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen))
+        seen.append([p.detach().double().clone() for p in model.parameters()])
+        train.update_ema(ema, model, train.ema_decay(cfg, step))
+    decays = [0.1, 2 / 11, 0.25, 0.3, 0.3, 0.3]  # min(0.3, (1 + k) / (10 + k))
+    for i, p in enumerate(ema.parameters()):
+        expected = math.prod(decays) * start[i] + sum(
+            (1 - d) * math.prod(decays[j + 1:]) * w[i] for j, (d, w) in enumerate(zip(decays, seen)))
+        torch.testing.assert_close(p.detach().double(), expected, atol=1e-6, rtol=1e-6)
+
+
+def one_train_step(cfg, lr=None, seed=0):
+    """A fresh TrainState for cfg (its weights randomised, so every layer has a gradient), then one
+    train_step on a fixed batch with fixed noise: (state, weights before, returned grad norm)."""
+    proc = train.Process(0, 1, torch.device("cpu"))
+    state = train.build_state(cfg, [str(i) for i in range(4)], proc)
+    randomize(state.model, seed=seed)
+    before = {name: p.detach().clone() for name, p in state.model.named_parameters()}
+    step = train.make_train_step(cfg, state, proc)
+    gen = torch.Generator().manual_seed(seed)
+    x, y = torch.rand(4, 3, 16, 16, generator=gen) * 2 - 1, torch.tensor([0, 1, 2, 3])
+    torch.manual_seed(seed)  # the same timesteps, noise and label dropout whatever cfg says
+    grad_norm = step(x, y, cfg.lr if lr is None else lr)[2]
+    return state, before, grad_norm
+
+
+def trained(state):
+    return [(name, p) for name, p in state.model.named_parameters() if p.requires_grad]
+
+
+def global_norm(tensors):
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors])).item()
+
+
+SMALL = dict(model="DiT-Mi/4", image_size=16, device="cpu")
+
+
+def test_each_weight_moves_by_the_learning_rate_the_step_is_given():
+    """Adam's first step moves a weight by lr * g / (|g| + eps): by lr, wherever |g| >> eps. The
+    step is given 2.5e-4, not --lr (1e-3): the schedule's value must reach the optimizer."""
+    state, before, _ = one_train_step(TrainConfig(**SMALL, lr=1e-3, grad_clip=0.0), lr=2.5e-4)
+    checked = 0
+    for name, p in trained(state):
+        big = p.grad.abs() > 1e-5  # eps 1e-8: within 1e-3 of lr
+        moved = before[name] - p.detach()
+        torch.testing.assert_close(moved[big], 2.5e-4 * p.grad[big].sign(), rtol=2e-3, atol=0)
+        checked += int(big.sum())
+    assert checked > 0.7 * sum(p.numel() for _, p in trained(state))  # 78%: most weights are checked
+
+
+def test_gradient_clipping_bounds_what_the_optimizer_sees():
+    clipped, _, norm = one_train_step(TrainConfig(**SMALL, grad_clip=1e-3))
+    free, _, free_norm = one_train_step(TrainConfig(**SMALL, grad_clip=0.0))  # 0: off
+    assert norm.item() == pytest.approx(free_norm.item(), rel=1e-6) and norm > 10 * 1e-3  # the clip acts
+    # Clipping rescales the whole gradient to norm 1e-3, keeping its direction ...
+    assert global_norm([p.grad for _, p in trained(clipped)]) == pytest.approx(1e-3, rel=1e-4)
+    for (name, p), (_, q) in zip(trained(clipped), trained(free)):
+        torch.testing.assert_close(p.grad, q.grad * (1e-3 / free_norm), rtol=1e-4, atol=1e-12)
+    # ... before the optimizer reads it: Adam's first moment after one step is (1 - beta1) g.
+    assert global_norm([clipped.opt.state[p]["exp_avg"] for _, p in trained(clipped)]) == pytest.approx(
+        0.1 * 1e-3, rel=1e-4)
+    assert global_norm([p.grad for _, p in trained(free)]) == pytest.approx(free_norm.item(), rel=1e-5)
+
+
+def test_weight_decay_shrinks_every_weight_by_lr_times_decay():
+    """AdamW decouples the decay: a step with decay wd lands at the step without it, minus lr wd p."""
+    lr, wd = 1e-3, 1.0
+    plain, before, _ = one_train_step(TrainConfig(**SMALL, lr=lr, weight_decay=0.0))
+    decayed, _, _ = one_train_step(TrainConfig(**SMALL, lr=lr, weight_decay=wd))
+    for (name, p), (_, q) in zip(trained(plain), trained(decayed)):
+        torch.testing.assert_close(q.detach() - p.detach(), -lr * wd * before[name], rtol=1e-3, atol=1e-8)
+
+
+def test_save_checkpoint_keeps_the_two_newest_and_every_multiple_of_keep_every(tmp_path):
+    for step in range(1, 11):
+        train.save_checkpoint({"step": step}, tmp_path, keep_every=4)
+    steps = lambda: [int(p.name[5:12]) for p in train.checkpoint_files(tmp_path)]  # noqa: E731
+    assert steps() == [10, 9, 8, 4]
+    train.save_checkpoint({"step": 11}, tmp_path)  # keep_every 0: only the two newest stay
+    assert steps() == [11, 10]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000010.pt", "step_0000011.pt"]
+
+
+def test_open_metrics_drops_the_rows_a_killed_run_wrote_past_its_checkpoint(tmp_path):
+    path = tmp_path / "metrics.csv"
+    header = "step,loss,mse,grad_norm,lr,img_per_s,elapsed_s"
+    rows = [f"{s},0.{s},0.0{s},1.{s},0.001,5{s}.5,{s}.25" for s in (2, 4, 6, 8)]
+    path.write_text("\n".join([header, *rows]) + "\n")
+    f = train.open_metrics(path, 4)  # the checkpoint is at step 4: rows 6 and 8 never happened
+    f.write("appended\n")
+    f.close()
+    assert path.read_text().splitlines() == [header, rows[0], rows[1], "appended"]
+
+
+def test_a_short_run_follows_its_schedules_step_by_step(tiny_data, tmp_path):
+    """Every checkpoint kept (--keep-every 1), so each step's lr and EMA can be checked against the
+    formulas; also the intermediate grids of --sample-every and the stale .pt.tmp cleanup."""
+    import csv
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    stale, users = run / "checkpoints" / "step_0000009.pt.tmp", run / "checkpoints" / "step_best.pt.tmp"
+    stale.write_bytes(b"the first half of a checkpoint that a kill interrupted")
+    users.write_bytes(b"not a name the trainer writes")
+    train.main(tiny_args(tiny_data, run, 5, "--lr", "2e-3", "--warmup-steps", "3", "--ema-decay", "0.2",
+                         "--ckpt-every", "1", "--keep-every", "1", "--sample-every", "2"))
+    assert not stale.exists() and users.exists()
+    states = [train.load_checkpoint(p) for p in reversed(train.checkpoint_files(run))]
+    assert [s["step"] for s in states] == [1, 2, 3, 4, 5]
+    # Step k (from 0) trains at 2e-3 * (k + 1) / 3 while warming up, then the cosine over the two
+    # steps left: 1, then 0.55. The optimizer keeps the last lr it was given.
+    lrs = [2e-3 * f for f in (1 / 3, 2 / 3, 1.0, 1.0, 0.55)]
+    assert [s["opt"]["param_groups"][0]["lr"] for s in states] == pytest.approx(lrs, rel=1e-12)
+    with open(run / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [2, 4, 5]
+    assert [float(r["lr"]) for r in rows] == pytest.approx([lrs[1], lrs[3], lrs[4]], rel=1e-12)
+    # The EMA after step n: d * EMA before it + (1 - d) * weights after it, d = min(0.2, n / (9 + n)).
+    for prev, now in zip(states, states[1:]):
+        n = now["step"]
+        d = min(0.2, n / (9 + n))
+        for key, value in now["ema"].items():
+            expected = d * prev["ema"][key].double() + (1 - d) * now["model"][key].double()
+            torch.testing.assert_close(value.double(), expected, atol=1e-6, rtol=1e-5)
+        assert not torch.equal(now["ema"]["final_layer.linear.weight"], now["model"]["final_layer.linear.weight"])
+    grids = sorted(p.name for p in (run / "samples").glob("*.png"))
+    assert grids == [f"step_000000{n}{raw}.png" for n in (2, 4, 5) for raw in ("", "_raw")]
+    pixels = [Image.open(run / "samples" / f"step_000000{n}_raw.png").tobytes() for n in (2, 4)]
+    assert pixels[0] != pixels[1]  # drawn from the EMA of their own step
+
+
+def test_hflip_mirrors_about_half_of_each_batch():
+    import types
+    x, y = torch.randn(400, 3, 4, 5), torch.arange(400)
+    state = types.SimpleNamespace(flip_gen=torch.Generator().manual_seed(0))
+    out, out_y = train.next_batch(iter([(x, y)]), TrainConfig(hflip=True), state, torch.device("cpu"))
+    mirrored = torch.tensor([torch.equal(o, xi[..., torch.arange(4, -1, -1)]) for o, xi in zip(out, x)])
+    unchanged = torch.tensor([torch.equal(o, xi) for o, xi in zip(out, x)])
+    assert (mirrored ^ unchanged).all()  # each image is itself or its left-right mirror image
+    assert 0.4 < mirrored.float().mean() < 0.6  # 400 fair coins: 0.5 +- 0.025
+    assert torch.equal(out_y, y)
+    same, _ = train.next_batch(iter([(x, y)]), TrainConfig(hflip=False), state, torch.device("cpu"))
+    assert torch.equal(same, x)
+
+
+def test_gradient_checkpointing_runs_each_block_again_in_the_backward(monkeypatch):
+    """Equal gradients do not show that a block was recomputed; counting its forward calls does
+    (by wrapping forward: the recomputation does not fire the module's forward hooks)."""
+    calls, forward = [], dit.DiTBlock.forward
+    monkeypatch.setattr(dit.DiTBlock, "forward", lambda block, x, c: calls.append(block.index) or forward(block, x, c))
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 4])
+    for checkpointing, expected in ((True, [0, 1, 1, 0]), (False, [0, 1])):
+        model = randomize(tiny_model(grad_checkpointing=checkpointing))
+        for i, block in enumerate(model.blocks):
+            block.index = i
+        calls.clear()
+        model(x, t, y).square().sum().backward()
+        assert calls == expected  # with checkpointing: the forward, then each block again, last first
+        calls.clear()
+        with torch.no_grad():  # nothing to recompute without a backward
+            model(x, t, y)
+        assert calls == [0, 1]
+
+
+def test_label_dropout_replaces_the_given_fraction_of_labels():
+    torch.manual_seed(0)
+    emb = dit.LabelEmbedder(5, 8, dropout_prob=0.3)
+    y = torch.arange(20_000) % 5
+    out = emb(y, train=True)
+    null = (out == emb.embedding_table.weight[5]).all(dim=1)
+    assert abs(null.float().mean().item() - 0.3) < 0.015  # binomial std 0.0032
+    for k in range(5):  # whatever the label: 4000 draws each, std 0.0072
+        assert abs(null[y == k].float().mean().item() - 0.3) < 0.035
+    assert torch.equal(out[~null], emb.embedding_table.weight[y[~null]])
+    assert torch.equal(emb(y, train=False), emb.embedding_table.weight[y])
+
+
+def test_vb_term_trains_the_variance_and_only_the_variance():
+    """L_hybrid = MSE + L_vb (Improved DDPM): the vb term reaches the loss and the variance
+    channels, and its gradient stops at the mean, which the MSE alone trains."""
+    d = dit.GaussianDiffusion(learn_sigma=True, schedule="linear", prediction="eps")
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.rand(3, 3, 4, 4, generator=gen) * 2 - 1
+    noise = torch.randn(3, 3, 4, 4, generator=gen)
+    out = (0.5 * torch.randn(3, 6, 4, 4, generator=gen)).requires_grad_()
+    losses = d.training_losses(lambda x, t, y: out, x0, torch.tensor([0, 10, 500]), None, noise)
+    assert (losses["vb"] > 1e-3).all()
+    torch.testing.assert_close(losses["loss"], losses["mse"] + losses["vb"], rtol=0, atol=0)
+    losses["loss"].sum().backward()
+    mean_grad, var_grad = out.grad.chunk(2, dim=1)
+    torch.testing.assert_close(mean_grad, 2 * (out[:, :3] - noise).detach() / 48)  # d/dpred mean((pred - eps)^2)
+    assert (var_grad != 0).float().mean() > 0.99
+
+
+def test_vb_term_at_t0_is_the_discretised_decoder_nll():
+    """L_0 (Ho et al. 2020, Sec. 3.3): -log of the Gaussian's mass on each pixel's 8-bit bin (half
+    width 1/255; the end bins reach to infinity), in bits per dimension. At t = 0 the posterior
+    mean is the predicted x_0; v = +1 makes the variance beta_0. Reference: torch's exact normal
+    CDF (the loss uses the tanh approximation, hence rtol 1e-2; a bin of twice the width is far off)."""
+    d = dit.GaussianDiffusion(learn_sigma=True, schedule="linear", prediction="x0")
+    levels = torch.tensor([[0, 1, 77], [128, 254, 255]])
+    x0 = (levels / 127.5 - 1).float().expand(2, 3, 2, 3)
+    guess = x0 + 0.006 * torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    out = torch.cat([guess, torch.ones_like(guess)], dim=1)
+    losses = d.training_losses(lambda x, t, y: out, x0, torch.zeros(2, dtype=torch.long), None,
+                               torch.randn_like(x0))
+    normal = torch.distributions.Normal(guess.double(), d.betas[0].sqrt())
+    upper = torch.where(x0 > 0.999, 1.0, normal.cdf(x0.double() + 1 / 255))
+    lower = torch.where(x0 < -0.999, 0.0, normal.cdf(x0.double() - 1 / 255))
+    expected = -(upper - lower).log().mean(dim=(1, 2, 3)) / math.log(2)
+    torch.testing.assert_close(losses["vb"].double(), expected, rtol=1e-2, atol=0)
+
+
+def test_ddpm_samples_with_the_learned_variance():
+    """Improved DDPM Eq. 15: v in [-1, 1] interpolates log sigma^2 between the posterior variance
+    (v = -1) and beta (v = +1). Two respaced steps, 999 -> 0, where the two differ 10^4-fold."""
+    d = dit.GaussianDiffusion(schedule="linear", learn_sigma=True)
+    noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+
+    def first_step(v):
+        model_fn = lambda x, t: torch.cat([0.3 * x, torch.full_like(x, v)], dim=1)  # noqa: E731
+        steps = d.denoise_steps(model_fn, noise, steps=2, sampler="ddpm", clip_denoised=False,
+                                generator=torch.Generator().manual_seed(1))
+        return next(steps)[1]
+    z = torch.randn(noise.shape, generator=torch.Generator().manual_seed(1))
+    abar, abar_prev = d.alphas_cumprod[999], d.alphas_cumprod[0]
+    beta = 1 - abar / abar_prev
+    posterior = beta * (1 - abar_prev) / (1 - abar)
+    mean = first_step(-1.0) - posterior.sqrt().float() * z
+    for v, variance in ((1.0, beta), (0.0, (beta * posterior).sqrt())):
+        torch.testing.assert_close(first_step(v), mean + variance.sqrt().float() * z, atol=1e-5, rtol=1e-5)
+
+
+def test_clip_denoised_clamps_x0_and_the_step_follows_the_clamped_x0():
+    d = dit.GaussianDiffusion(prediction="x0", learn_sigma=False, schedule="linear")
+    noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    model_fn = lambda x, t: torch.full_like(x, 3.0)  # noqa: E731  an x_0 far outside [-1, 1]
+    (t, x, x0), *_, (_, last, _) = list(d.denoise_steps(model_fn, noise, steps=3))
+    assert torch.equal(x0, torch.ones_like(noise))
+    # DDIM (eta 0) towards x_0 = 1, with the eps that x_0 = 1 implies for x_T
+    abar, abar_prev = d.alphas_cumprod[t].float(), d.alphas_cumprod[d.sample_timesteps(3)[1]].float()
+    eps = (noise - abar.sqrt()) / (1 - abar).sqrt()
+    torch.testing.assert_close(x, abar_prev.sqrt() + (1 - abar_prev).sqrt() * eps)
+    assert torch.equal(last, torch.ones_like(noise))
+    unclipped = d.sample(model_fn, noise, steps=3, clip_denoised=False)
+    torch.testing.assert_close(unclipped, torch.full_like(noise, 3.0))
+
+
+def test_sample_draws_with_the_ema_weights(tiny_run, tmp_path):
+    state = train.load_checkpoint(tiny_run[0])
+    raw_zeroed = {**state, "model": {k: torch.zeros_like(v) for k, v in state["model"].items()}}
+    torch.save(raw_zeroed, tmp_path / "raw_zeroed.pt")
+    a = run_sample(tiny_run[0], tmp_path / "a", "--label", "1", "--num", "1", "--steps", "2")
+    b = run_sample(tmp_path / "raw_zeroed.pt", tmp_path / "b", "--label", "1", "--num", "1", "--steps", "2")
+    assert torch.equal(a, b)  # the raw weights play no part (zeroed, they would draw flat grey)
+    assert a.std() > 0.1
+
+
+def test_sample_main_passes_the_sampler_and_eta_on(tiny_run, tmp_path):
+    """DDIM at eta 1 is DDPM (Song et al. 2021), respaced too, drawing the same z: so --sampler
+    ddpm must give what --eta 1 gives, and both differ from the default deterministic DDIM."""
+    common = ("--label", "3", "--num", "1", "--steps", "3", "--seed", "2")
+    ddpm = run_sample(tiny_run[0], tmp_path / "ddpm", *common, "--sampler", "ddpm")
+    eta1 = run_sample(tiny_run[0], tmp_path / "eta1", *common, "--eta", "1")
+    ddim = run_sample(tiny_run[0], tmp_path / "ddim", *common)
+    # Equal formulas evaluated differently in float32 (the posterior vs DDIM's sigma): 6e-5 apart.
+    torch.testing.assert_close(ddpm, eta1, atol=2e-4, rtol=0)
+    assert (ddpm - ddim).abs().mean() > 0.04  # 0.12 measured
+
+
+def png_chw(path):
+    return png_pixels(path).permute(2, 0, 1)  # (3, H, W) uint8
+
+
+def as_png(image):
+    """What torchvision's save_image writes for an image in [0, 1]: rounded to 8 bits."""
+    return (image * 255 + 0.5).clamp(0, 255).to(torch.uint8)
+
+
+def tile(grid, row, col, size=16):
+    """The image at (row, col) of a make_grid grid with 1 px of padding."""
+    top, left = 1 + row * (size + 1), 1 + col * (size + 1)
+    return grid[:, top:top + size, left:left + size]
+
+
+def test_sample_files_hold_the_samples_and_steps_png_the_trajectory(tiny_run, tmp_path):
+    out = tmp_path / "out"
+    images = sample.main(["--ckpt", str(tiny_run[0]), "--out", str(out), "--label", "1", "3", "--num", "2",
+                          "--steps", "3", "--show-steps", "--zoom", "1", "--cfg-scale", "1", "--seed", "4"])
+    model, diffusion, classes = sample.load_model(tiny_run[0], torch.device("cpu"))
+    grid = png_chw(out / "grid.png")
+    for i in range(4):
+        label, k = (1, 3)[i // 2], i % 2
+        assert torch.equal(png_chw(out / f"{classes[label]}_{k:03d}.png"), as_png(images[i]))
+        assert torch.equal(tile(grid, i // 2, k), as_png(images[i]))  # one row per label
+    # steps.png: a row per label (its first sample), x_t after each of the 3 steps, left to right;
+    # the last one is the sample itself. Reference: the same noise denoised alone.
+    strip = png_chw(out / "steps.png")
+    assert strip.shape == (3, 2 * 17 + 1, 3 * 17 + 1)
+    for row, (label, first) in enumerate([(1, 0), (3, 2)]):
+        noise = dit.initial_noise(4, label, 0, (3, 16, 16))[None]
+        y = torch.tensor([label])
+        with torch.no_grad():
+            xs = [x for _, x, _ in diffusion.denoise_steps(lambda x, t: model(x, t, y), noise, steps=3)]
+        for col, x in enumerate(xs):
+            diff = tile(strip, row, col).int() - as_png((x[0].clamp(-1, 1) + 1) / 2).int()
+            assert diff.abs().max() <= 1, (row, col)  # batched vs alone: rounding only
+        assert torch.equal(tile(strip, row, 2), as_png(images[first]))
