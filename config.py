@@ -24,9 +24,11 @@ def option(default, help, choices=None, at_least=None, above=None, below=None, a
     return field(default=default, metadata={"help": help, "choices": choices, **bounds})
 
 
-# Guidance only in the middle of the chain, timesteps 0 <= t < 600 of 1000 (Kynkaanniemi et al.
-# 2024): guided at every step, the samples drifted to the commonest colours (see the README).
-CFG_INTERVAL = (0.0, 1000.0)
+# Guidance only for timesteps 100 <= t < 800 of 1000 (Kynkaanniemi et al. 2024). Measured on the
+# default run (README, Results): guided at every step, the colours drift to the commonest ones
+# (total variation to the data's 0.18); without guidance at t >= 800, where colours are chosen,
+# they spread as the data's (0.05), and skipping t < 100 lifts the cross from 72% to 91%.
+CFG_INTERVAL = (100.0, 800.0)
 
 
 # -----------------------------------------------------------------------------
