@@ -2741,8 +2741,12 @@ def test_a_text_run_trains_draws_its_prompts_and_sample_py_draws_the_same(tiny_d
     drawn = png_pixels(tmp_path / "s" / "a_blue_heart_000.png")
     assert (row.int() - drawn.int()).abs().max() <= 1 and drawn.float().std() > 0
     # evaluate.py judges all 48 "a <colour> <shape>" prompts, the never-seen pairs apart.
-    result = evaluate.main(["--ckpt", str(out), "--num", "2", "--steps", "2"])
+    result = evaluate.main(["--ckpt", str(out), "--num", "2", "--steps", "2", "--grid", str(tmp_path / "g.png")])
     assert len(result["per_pair"]) == 48
+    grid = Image.open(tmp_path / "g.png").convert("RGB")
+    assert grid.size == (8 * 4 * 20, 6 * 4 * 20)  # 6 colours x 8 shapes, 16 px framed by 2, 4x
+    assert grid.getpixel((1, 3 * 80 + 1)) == (255, 255, 255)  # green circle: held out, framed white
+    assert grid.getpixel((1, 1)) == (0, 0, 0)                  # red circle: seen in training
     held = [dataset.shape_prompt(shape, colour) for colour, shape in dataset.TEXT_HOLDOUT]
     for key, index, prompts_of in (("held_shape", 0, held), ("held_colour", 1, held),
                                    ("seen_colour", 1, [p for p in result["per_pair"] if p not in held])):

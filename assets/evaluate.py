@@ -201,11 +201,12 @@ def judge(net, images, real_a, real_b, num_classes, palette):
 # A text run (train.py --preset text): does it draw what a prompt says, also for unseen pairs?
 # -----------------------------------------------------------------------------
 
-def judge_prompts(net, model, diffusion, data_dir, image_size, cfg, device):
+def judge_prompts(net, model, diffusion, data_dir, image_size, cfg, device, grid=""):
     """On the built-in shapes: cfg.num samples of "a <colour> <shape>" for all 48 pairs, the shape
     judged by the classifier and the colour by the palette; the pairs of dataset.TEXT_HOLDOUT were
     never in training, so their scores measure composition. Then 2 * cfg.num samples of "a <shape>"
-    for every shape, whose colours should spread as the training images' do."""
+    for every shape, whose colours should spread as the training images' do. grid: also save the
+    first sample of each pair there, rows colours and columns shapes, held-out pairs framed in white."""
     pairs = [(colour, shape) for colour in COLOUR_NAMES for shape in SHAPES]
     prompts = [shape_prompt(shape, colour) for colour, shape in pairs]
     images, _ = generate(model, diffusion, dit.tokenize(prompts), cfg, device)
@@ -215,6 +216,11 @@ def judge_prompts(net, model, diffusion, data_dir, image_size, cfg, device):
     colour_hit = palette_colours(images) == torch.tensor([COLOUR_NAMES.index(c) for c, _ in pairs]
                                                          ).repeat_interleave(cfg.num)
     held = torch.tensor([pair in TEXT_HOLDOUT for pair in pairs]).repeat_interleave(cfg.num)
+    if grid:
+        first = images.view(len(pairs), cfg.num, *images.shape[1:])[:, 0]               # (48, 3, S, S)
+        framed = F.pad(first, (2, 2, 2, 2))                                             # black frames ...
+        framed[held[::cfg.num]] = F.pad(first[held[::cfg.num]], (2, 2, 2, 2), value=1.0)  # ... white if held out
+        save_image(F.interpolate(framed, scale_factor=4, mode="nearest"), grid, nrow=len(SHAPES), padding=0)
     per_pair = {prompt: (s.float().mean().item(), c.float().mean().item()) for prompt, s, c in
                 zip(prompts, shape_hit.view(len(pairs), -1), colour_hit.view(len(pairs), -1))}
     plain = dataclasses.replace(cfg, num=2 * cfg.num)
@@ -248,7 +254,8 @@ def main(argv=None):
     parser.add_argument("--cfg-scale", type=float, default=defaults.cfg_scale)
     parser.add_argument("--cfg-interval", type=float, nargs=2, default=defaults.cfg_interval,
                         metavar=("LO", "HI"), help="guidance only for timesteps LO <= t < HI")
-    parser.add_argument("--grid", default="", help="also save the first 8 samples per class here, 4x enlarged")
+    parser.add_argument("--grid", default="", help="also save the first 8 samples per class (a text run: the "
+                        "first of each colour and shape) here, 4x enlarged")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
     if args.num is not None and args.num < 2:
@@ -266,7 +273,7 @@ def main(argv=None):
     cfg = SampleConfig(num=args.num or (8 if model_classes is None else 32), sampler=args.sampler, steps=args.steps,
                        cfg_scale=args.cfg_scale, cfg_interval=tuple(args.cfg_interval), seed=args.seed)
     if model_classes is None:  # a text run
-        return judge_prompts(net, model, diffusion, data_dir, image_size, cfg, device)
+        return judge_prompts(net, model, diffusion, data_dir, image_size, cfg, device, args.grid)
     real_a, real_b, borrowed = real_reference(data, cfg.num)
     if borrowed:
         print(f"note: {borrowed} real reference images come from the classifier's training split")
