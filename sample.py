@@ -111,7 +111,8 @@ def write_images(images, trajectory, names, cfg, out):
         paths.append(out / f"{name}_{i % cfg.num:03d}.png")
         torchvision.utils.save_image(image, paths[-1])
     if trajectory:
-        # One row per label (its first sample), one column per snapshot: x_T on the left, x_0 right.
+        # One row per label (its first sample), one column per snapshot: x_t after the first step on the
+        # left, the sample on the right.
         strip = torch.stack(trajectory, dim=1).flatten(0, 1)                           # (L*10, 3, H, W)
         paths.append(out / "steps.png")
         save_grid(strip, paths[-1], len(trajectory), cfg.zoom)
