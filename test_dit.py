@@ -1330,8 +1330,9 @@ def assert_same_weights(a, b):
         assert torch.equal(a[key], b[key]), key
 
 
-def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tiny_data, tmp_path):
-    extra = ("--lr-schedule", "constant", "--hflip")
+@pytest.mark.parametrize("grad_accum", ["1", "2"])
+def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tiny_data, tmp_path, grad_accum):
+    extra = ("--lr-schedule", "constant", "--hflip", "--grad-accum", grad_accum)
     train.main(tiny_args(tiny_data, tmp_path / "full", 10, *extra))
     train.main(tiny_args(tiny_data, tmp_path / "split", 4, *extra))   # stops at step 4 ...
     train.main(tiny_args(tiny_data, tmp_path / "split", 10, *extra))  # ... and resumes there
