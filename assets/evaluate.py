@@ -291,8 +291,9 @@ def main(argv=None):
         print(f"  {name:>12s}: {100 * acc:5.1f}%")
     worst = min(range(len(classes)), key=lambda c: result["per_class"][c])
     lo, hi = cfg.cfg_interval
+    sampler = diffusion.samplers[0] if args.sampler == "auto" else args.sampler
     print(f"samples recognised as their class: {100 * result['recognised']:.1f}% (worst class {classes[worst]} "
-          f"{100 * result['per_class'][worst]:.1f}%; chance {100 / len(classes):.1f}%), {args.sampler} "
+          f"{100 * result['per_class'][worst]:.1f}%; chance {100 / len(classes):.1f}%), {sampler} "
           f"{args.steps} steps, cfg {args.cfg_scale} for {lo:g} <= t < {hi:g}, {len(images)} samples in {seconds:.1f}s")
     print(f"feature Frechet distance to real images: {result['fd']:.1f} (real vs real, same count: "
           f"{result['fd_real']:.1f})")
