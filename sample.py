@@ -11,7 +11,7 @@ Draw images from a trained DiT run, of classes or (a text run) of prompts, with 
 The checkpoint describes itself (model preset, diffusion settings, class names), so no flags are
 needed to rebuild the model; the EMA weights are used. Sample j of a class depends on the weights,
 --seed and the sampling flags alone: row c of a training grid (runs/NAME/samples) is `--label c`
-with that run's --sample-steps, --cfg-scale and --precision. Writes grid.png (one row per label,
+with that run's --sample-steps, --cfg-scale, --cfg-interval and --precision. Writes grid.png (one row per label,
 enlarged to at least 512 px wide for people) and one PNG per sample at its own size (for programs)
 into --out, and prints their paths. All flags: `python sample.py --help`.
 """
@@ -77,8 +77,7 @@ def resolve_conditions(cfg, model, classes):
 
 def generate(model, diffusion, y, cfg, device, snapshots=0):
     """`cfg.num` images of each condition in y (labels (L,) or caption tokens (L, T)), in order, in
-    [0, 1] (on the CPU), denoised `cfg.batch_size`
-    at a time by dit.draw; plus `snapshots` evenly spaced x_t of each label's first image (a list,
+    [0, 1] (on the CPU), denoised `cfg.batch_size` at a time by dit.draw; plus `snapshots` evenly spaced x_t of each label's first image (a list,
     noisiest first, of (L, C, H, W); the last one is the final image). With the default DDIM at
     eta 0 the images do not depend on the batch size; the per-step noise of DDPM or eta > 0 is
     drawn per batch, so there the same --seed needs the same --batch-size."""

@@ -113,7 +113,7 @@ def make_train_step(cfg, state, proc):
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         state.opt.step()
         return loss, mse, grad_norm
-    train_step.net = net  # the network as trained (compiled, DDP-wrapped), for the benchmark and tests
+    train_step.net = net  # the network as trained (compiled, DDP-wrapped): tests hook its all-reduce
     return train_step
 
 
