@@ -336,11 +336,14 @@ TEXT_HOLDOUT = (("green", "circle"), ("orange", "cross"), ("blue", "heart"), ("y
                 ("purple", "ring"), ("red", "square"), ("orange", "star"), ("blue", "triangle"))
 
 # A few wordings, so that the model learns the words rather than one sentence; a fifth of the
-# captions leave the colour out, so that "a star" means a star of any colour.
+# captions leave the colour out, so that "a star" means a star of any colour, and another fifth
+# leave the shape out: "something orange" is then learned apart from any shape.
 COLOURED_CAPTIONS = ("a {colour} {shape}", "{colour} {shape}", "a {shape} in {colour}",
                      "a {colour} {shape} on black")
 PLAIN_CAPTIONS = ("a {shape}", "{shape}")
+SHAPELESS_CAPTIONS = ("something {colour}", "a {colour} shape", "{colour}")
 NO_COLOUR_FRACTION = 0.2
+NO_SHAPE_FRACTION = 0.2
 
 
 def _article(text):
@@ -350,8 +353,11 @@ def _article(text):
 
 def shape_caption(colour, shape, rng):
     """A caption for one image of a colour name and a shape name, worded at random."""
-    if rng.random() < NO_COLOUR_FRACTION:
+    draw = rng.random()
+    if draw < NO_COLOUR_FRACTION:
         return _article(rng.choice(PLAIN_CAPTIONS).format(shape=shape))
+    if draw < NO_COLOUR_FRACTION + NO_SHAPE_FRACTION:
+        return _article(rng.choice(SHAPELESS_CAPTIONS).format(colour=colour))
     return _article(rng.choice(COLOURED_CAPTIONS).format(colour=colour, shape=shape))
 
 
@@ -386,8 +392,9 @@ def draw_shape(name, image_size, rng, colour=None):
 
 
 def _settings(images_per_class, image_size, seed):
-    # v4: the captions (metadata.jsonl) came; the images are those of v3.
-    return f"shapes v4 images_per_class={images_per_class} image_size={image_size} seed={seed}\n"
+    # v4: the captions (metadata.jsonl) came; v5: a fifth of them without the shape. The images
+    # are those of v3.
+    return f"shapes v5 images_per_class={images_per_class} image_size={image_size} seed={seed}\n"
 
 
 def make_shapes_dataset(root, images_per_class=500, image_size=32, seed=0):

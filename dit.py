@@ -526,8 +526,8 @@ def forward_gmacs(model):
     p = model.pos_embed
     x = torch.zeros(1, model.in_channels, model.input_size, model.input_size, device=p.device, dtype=p.dtype)
     t = y = torch.zeros(1, dtype=torch.long, device=p.device)
-    if isinstance(model, TextDiT):  # counted with a short caption, 10 bytes
-        y = tokenize(["a red star"]).to(p.device)
+    if isinstance(model, TextDiT):  # counted with a short caption, 10 bytes (on the host: see CaptionEncoder)
+        y = tokenize(["a red star"])
     norm_elements = []
     hooks = [m.register_forward_hook(lambda m, inputs, out: norm_elements.append(out.numel()))
              for m in model.modules() if isinstance(m, nn.LayerNorm)]
@@ -555,6 +555,11 @@ def forward_gmacs(model):
 # and the MLP whose output projection starts at zero. We add the caption's pooled vector to the
 # timestep's embedding, as SD3 and Hunyuan-DiT do. No pretrained text encoder: a small one is
 # trained with the DiT from the caption's bytes, as GLIDE trained its own (Nichol et al. 2022).
+#
+# The encoder reads each word on its own and hands the DiT a bag of words: "orange" is one and the
+# same key in "an orange star" as in "something orange". That is what lets the model draw a colour
+# and a shape it never saw together (README, Text to image: an encoder whose words see each other
+# drew the held-out pairs with one of their two words right, a bag with both).
 # -----------------------------------------------------------------------------
 
 # The tokenizer is UTF-8 itself: bytes 0..255 are their own tokens, so any caption in any language
@@ -565,6 +570,7 @@ def forward_gmacs(model):
 CAPTION_BOS, CAPTION_PAD = 256, 257
 CAPTION_VOCAB = 258
 MAX_CAPTION_BYTES = 64
+WHITESPACE = (9, 10, 13, 32)  # tab, line feed, carriage return, space: what separates words
 
 
 def tokenize(captions, max_bytes=MAX_CAPTION_BYTES):
@@ -583,9 +589,9 @@ def tokenize(captions, max_bytes=MAX_CAPTION_BYTES):
         if len(data) > max_bytes:
             raise ValueError(f"caption {shown!r} is {len(data)} bytes in UTF-8, over the limit of {max_bytes}")
         encoded.append(data)
-    tokens = empty_captions(len(encoded), 1 + max(map(len, encoded), default=0))  # (N, L)
+    tokens = empty_captions(len(encoded), 1 + max(map(len, encoded), default=0), "cpu")  # (N, L) on the host
     for row, data in enumerate(encoded):
-        tokens[row, 1:1 + len(data)] = torch.tensor(list(data), dtype=torch.long)
+        tokens[row, 1:1 + len(data)] = torch.tensor(list(data), dtype=torch.long, device="cpu")
     return tokens
 
 
@@ -622,19 +628,46 @@ class CaptionEncoderLayer(nn.Module):
         return x + self.mlp(self.norm2(x))         # (N, L, D)
 
 
+def spell_words(tokens):
+    """(N, L) tokens -> (N, W, B) the same bytes regrouped one word per row, and (N,) each
+    caption's word count. Words are split at spaces (which go); BOS is a word of its own, so the
+    empty caption has one. PAD fills each row after its word's bytes and the rows past a
+    caption's last word. W is the most words of a caption, B the longest word's bytes."""
+    N, L = tokens.shape
+    space = torch.isin(tokens, torch.tensor(WHITESPACE, device=tokens.device))    # (N, L)
+    in_word = ~space & (tokens != CAPTION_PAD)                                     # (N, L)
+    before = F.pad(space | (tokens == CAPTION_BOS), (1, 0), value=True)[:, :-1]    # (N, L) after a gap
+    starts = in_word & before                                                      # (N, L) a word begins
+    word = starts.long().cumsum(dim=1) - 1                                         # (N, L) its word's index
+    where = torch.arange(L, device=tokens.device).expand(N, L)                     # (N, L)
+    first = torch.where(starts, where, 0).cummax(dim=1).values                     # (N, L) its word's start
+    offset = where - first                                                          # (N, L) place in the word
+    words = starts.sum(dim=1)                                                      # (N,)
+    W, B = int(words.max()), int(offset[in_word].max()) + 1
+    grid = torch.full((N, W, B), CAPTION_PAD, dtype=tokens.dtype, device=tokens.device)  # (N, W, B)
+    row = torch.arange(N, device=tokens.device)[:, None].expand(N, L)
+    grid[row[in_word], word[in_word], offset[in_word]] = tokens[in_word]
+    return grid, words
+
+
 class CaptionEncoder(nn.Module):
-    """Tokens -> one feature per token, the lengths, and a pooled vector. Byte embeddings plus
-    fixed 1-D sin-cos positions (like the image's, nothing to learn for positions rarely seen),
-    `depth` encoder layers and a final LayerNorm; the pooled vector is the mean over the caption's
-    tokens (padding excluded) through an MLP, as the timestep's embedding has one."""
+    """Tokens -> one feature per word, the word counts, and a pooled vector.
+
+    `spell_depth` layers read each word's bytes (embeddings plus sin-cos positions within the
+    word), seeing no other word; their mean over the bytes is the word's feature. `depth` more
+    layers then let the words see each other and their order (0, the default: a bag of words, in
+    which no word's feature depends on its neighbours). A final LayerNorm; the pooled vector is
+    the mean over the words through an MLP, as the timestep's embedding has one."""
 
     def __init__(self, hidden_size, depth, num_heads, mlp_ratio=4.0, max_bytes=MAX_CAPTION_BYTES,
-                 attn_backend="auto"):
+                 attn_backend="auto", spell_depth=1):
         super().__init__()
         self.max_bytes = max_bytes
         self.token_embedder = nn.Embedding(CAPTION_VOCAB, hidden_size)
         positions = sincos_pos_embed_1d(hidden_size, torch.arange(max_bytes + 1)).float()  # (max_bytes + 1, D)
         self.register_buffer("pos_embed", positions, persistent=False)  # rebuilt, not stored
+        self.spell = nn.ModuleList([CaptionEncoderLayer(hidden_size, num_heads, mlp_ratio, attn_backend)
+                                    for _ in range(spell_depth)])
         self.layers = nn.ModuleList([CaptionEncoderLayer(hidden_size, num_heads, mlp_ratio, attn_backend)
                                      for _ in range(depth)])
         self.norm = nn.LayerNorm(hidden_size, eps=1e-6)
@@ -642,18 +675,30 @@ class CaptionEncoder(nn.Module):
                                   nn.Linear(hidden_size, hidden_size))
 
     def forward(self, tokens):
-        """tokens (N, L) from tokenize() -> features (N, L, D), lengths (N,), pooled (N, D)."""
-        L = tokens.shape[1]
-        if L > self.max_bytes + 1:
-            raise ValueError(f"captions of {L - 1} bytes, over this model's limit of {self.max_bytes}")
-        lengths = caption_lengths(tokens)                                         # (N,)
-        x = self.token_embedder(tokens) + self.pos_embed[:L]                      # (N, L, D)
+        """tokens (N, L) from tokenize() -> features (N, W, D), word counts (N,), pooled (N, D)."""
+        if tokens.shape[1] > self.max_bytes + 1:
+            raise ValueError(f"captions of {tokens.shape[1] - 1} bytes, over this model's limit of {self.max_bytes}")
+        # How many words and how long: shapes that depend on the bytes, so worked out on the host
+        # (a GPU waits once per step for a few hundred bytes; the meta device, which has no
+        # bytes, can count the cost of a model given host tokens).
+        device = self.token_embedder.weight.device
+        grid, words = (z.to(device) for z in spell_words(tokens.cpu()))      # (N, W, B), (N,)
+        N, W, B = grid.shape
+        grid = grid.view(N * W, B)                                           # one word per row
+        letters = caption_lengths(grid).clamp(min=1)                         # (N * W,) a row past the last word: 1 PAD
+        x = self.token_embedder(grid) + self.pos_embed[:B]                   # (N * W, B, D)
+        for layer in self.spell:
+            x = layer(x, letters)                                            # (N * W, B, D)
+        inside = torch.arange(B, device=device) < letters[:, None]            # (N * W, B)
+        x = (torch.where(inside[..., None], x, 0).sum(dim=1) / letters[:, None]).view(N, W, -1)  # (N, W, D)
+        if self.layers:  # words that see each other see their order too; a bag has none
+            x = x + self.pos_embed[:W]                                       # (N, W, D)
         for layer in self.layers:
-            x = layer(x, lengths)                                                 # (N, L, D)
-        x = self.norm(x)                                                          # (N, L, D)
-        inside = torch.arange(L, device=tokens.device) < lengths[:, None]         # (N, L)
-        mean = torch.where(inside[..., None], x, 0).sum(dim=1) / lengths[:, None]  # (N, D)
-        return x, lengths, self.pool(mean)
+            x = layer(x, words)                                              # (N, W, D)
+        x = self.norm(x)                                                     # (N, W, D)
+        inside = torch.arange(W, device=device) < words[:, None]              # (N, W)
+        mean = torch.where(inside[..., None], x, 0).sum(dim=1) / words[:, None]  # (N, D)
+        return x, words, self.pool(mean)
 
 
 class TextDiTBlock(DiTBlock):
@@ -687,13 +732,14 @@ class TextDiT(nn.Module):
 
     Arguments as DiT's, plus: caption_dropout_prob (in training, the chance that a caption is
     replaced by the empty one, so that the network learns the null condition guidance needs),
-    text_depth (the encoder's layers; its width and heads are the DiT's) and max_caption_bytes.
+    spell_depth (the encoder's layers within a word), text_depth (its layers across words; 0: a
+    bag of words; its width and heads are the DiT's) and max_caption_bytes.
     All plain values, so that a checkpoint's model_args rebuild the model.
     """
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28,
                  num_heads=16, mlp_ratio=4.0, caption_dropout_prob=0.1, learn_sigma=True, *,
-                 text_depth=2, max_caption_bytes=MAX_CAPTION_BYTES, attn_backend="auto",
+                 text_depth=0, spell_depth=1, max_caption_bytes=MAX_CAPTION_BYTES, attn_backend="auto",
                  grad_checkpointing=False):
         super().__init__()
         if input_size % patch_size:
@@ -715,7 +761,7 @@ class TextDiT(nn.Module):
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.caption_encoder = CaptionEncoder(hidden_size, text_depth, num_heads, mlp_ratio,
-                                              max_caption_bytes, attn_backend)
+                                              max_caption_bytes, attn_backend, spell_depth)
         grid_size = input_size // patch_size
         self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, grid_size)[None],
                              persistent=False)  # (1, T, D), fixed: rebuilt, not stored
@@ -765,8 +811,8 @@ class TextDiT(nn.Module):
         return self.unpatchify(x)                                # (N, C_out, H, W)
 
 
-# Every size of DiT_configs, named "TextDiT-Ti/8" and so on; the encoder adds text_depth layers
-# of the DiT's width (two by default: a caption of a few words needs little depth).
+# Every size of DiT_configs, named "TextDiT-Ti/8" and so on; the encoder adds spell_depth layers
+# (one by default: a word is a few bytes) and text_depth layers (none by default) of the DiT's width.
 TextDiT_models = {f"Text{name}": functools.partial(TextDiT, depth=d, hidden_size=h, num_heads=n, patch_size=p)
                   for name, (d, h, n, p) in DiT_configs.items()}
 

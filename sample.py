@@ -26,15 +26,15 @@ from tqdm import tqdm
 
 import dit
 from config import ConfigError, SampleConfig, parse_args
-from train import (CheckpointError, autocast, build_model, load_checkpoint, make_out_dir, resolve_device,
-                   save_grid)
+from train import (CheckpointError, autocast, build_model, load_checkpoint, load_weights, make_out_dir,
+                   resolve_device, save_grid)
 
 
 def load_model(ckpt, device):
     """The EMA model and its diffusion process, rebuilt from the checkpoint alone."""
     state = load_checkpoint(ckpt)
     model = build_model(state["model_args"])
-    model.load_state_dict(state["ema"])
+    load_weights(model, state["ema"])
     diffusion = dit.make_diffusion(**state["diffusion_args"])
     return model.to(device).eval(), diffusion, state["classes"]
 

@@ -2418,6 +2418,7 @@ def test_the_model_graph_is_in_tensorboard_and_a_failed_trace_warns(tiny_run, tm
 # -----------------------------------------------------------------------------
 
 def tiny_text_model(**kwargs):
+    """Words that see each other (text_depth 1, not the default bag), so the tests cover both."""
     args = dict(input_size=8, in_channels=3, learn_sigma=False, text_depth=1, max_caption_bytes=32)
     args.update(kwargs)
     return dit.TextDiT_models["TextDiT-Mi/2"](**args)
@@ -2454,19 +2455,23 @@ def test_shapes_metadata_names_each_image_truly(captioned_shapes):
     assert len(lines) == 8 * 30
     full = ImageFolder(root, image_size=16)
     assert [root / line["file_name"] for line in lines] == full.paths    # every image, once
-    wordings, plain = set(), 0
+    wordings, plain, shapeless = set(), 0, 0
     for line, x, label in zip(lines, (full[i][0] for i in range(len(full))), full.labels):
         shape, colour, text = full.classes[label], palette_colour(x), line["text"]
         assert (line["shape"], line["colour"]) == (shape, colour)        # checked against the pixels
-        assert shape in text and "a orange" not in text                  # "an orange star"
-        named = [name for name in dataset.COLOUR_NAMES if name in text.split()]
-        assert named in ([colour], [])
-        plain += not named
+        assert "a orange" not in text                                    # "an orange star"
+        colours = [name for name in dataset.COLOUR_NAMES if name in text.split()]
+        shapes = [name for name in dataset.SHAPES if name in text.split()]
+        assert colours in ([colour], []) and shapes in ([shape], []) and (colours or shapes)
+        plain += not colours
+        shapeless += not shapes
         wordings.add(text.replace(colour, "C").replace(shape, "S"))
-    # The four coloured wordings and the colourless ones all occur; a fifth leave the colour out.
-    assert {"C S", "a S in C", "a S", "S"} <= wordings
+    # The four coloured wordings, the colourless and the shapeless ones all occur; a fifth of the
+    # captions leave the colour out, another fifth the shape.
+    assert {"C S", "a S in C", "a S", "S", "C", "something C"} <= wordings
     assert {"a C S", "an C S"} & wordings and {"a C S on black", "an C S on black"} & wordings
-    assert 0.1 < plain / len(lines) < 0.3
+    assert {"a C shape", "an C shape"} & wordings
+    assert 0.1 < plain / len(lines) < 0.3 and 0.1 < shapeless / len(lines) < 0.3
     # Deterministic: the same seed writes the same captions, another seed others.
     again = make_shapes_dataset(root.parent / "again", images_per_class=30, image_size=16)
     other = make_shapes_dataset(root.parent / "other", images_per_class=30, image_size=16, seed=1)
@@ -2488,8 +2493,10 @@ def test_held_out_pairs_never_reach_a_training_batch(captioned_shapes):
             for image, caption in zip(x, dit.decode_captions(tokens)):
                 colour, shape = truth[image.numpy().tobytes()]
                 assert (colour, shape) not in dataset.TEXT_HOLDOUT, caption
-                named = [name for name in dataset.COLOUR_NAMES if name in caption.split()]
-                assert shape in caption and named in ([colour], [])  # captions stay with their images
+                colours = [name for name in dataset.COLOUR_NAMES if name in caption.split()]
+                shapes = [name for name in dataset.SHAPES if name in caption.split()]
+                assert colours in ([colour], []) and shapes in ([shape], [])  # captions stay with their images
+                assert colours or shapes
                 seen.append((colour, shape))
     assert len(seen) == 2 * len(train_set)
     held_out = dataset.CaptionFolder(captioned_shapes, image_size=16, split="holdout")
@@ -2502,7 +2509,7 @@ def test_held_out_pairs_never_reach_a_training_batch(captioned_shapes):
 def test_old_shapes_set_without_captions_is_regenerated(tmp_path):
     root = make_shapes_dataset(tmp_path / "shapes", images_per_class=1, image_size=8)
     (root / "metadata.jsonl").unlink()  # what a v3 set looks like
-    (root / dataset.MARKER).write_text((root / dataset.MARKER).read_text().replace("v4", "v3"))
+    (root / dataset.MARKER).write_text((root / dataset.MARKER).read_text().replace("v5", "v3"))
     ensure_builtin_dataset(root, images_per_class=1, image_size=8)
     assert len(dataset.CaptionFolder(root, 8, split="all")) == 8
 
@@ -2582,14 +2589,25 @@ def test_tokenizer_is_utf8_bytes_after_bos():
         dit.tokenize("a red star")
 
 
+def test_spell_words_regroups_the_bytes_one_word_per_row():
+    captions = ["a red star", "", "  an orange\theart x ", "été rouge", "   "]
+    grid, words = dit.spell_words(dit.tokenize(captions))
+    assert words.tolist() == [4, 1, 5, 3, 1] and grid.shape == (5, 5, len("orange"))  # BOS is word 0
+    spelled = [[bytes(b for b in row.tolist() if b < 256).decode() for row in caption[:n]]
+               for caption, n in zip(grid, words.tolist())]
+    assert spelled == [["", "a", "red", "star"], [""], ["", "an", "orange", "heart", "x"], ["", "été", "rouge"], [""]]
+    assert (grid[:, 0, 0] == dit.CAPTION_BOS).all() and (grid[:, 0, 1:] == dit.CAPTION_PAD).all()
+    assert (grid[1, 1:] == dit.CAPTION_PAD).all() and (grid[0, 2, 3:] == dit.CAPTION_PAD).all()
+
+
 @pytest.mark.parametrize("backend", ["math", "sdpa"])
 def test_caption_encoder_on_empty_long_and_non_ascii_captions(backend):
     encoder = randomize(tiny_text_model(attn_backend=backend)).caption_encoder.eval()
     captions = ["", "un cœur rouge ♥", "東京", "a red star"]
     with torch.no_grad():
         text, lengths, pooled = encoder(dit.tokenize(captions))
-        assert text.shape == (4, 1 + len("un cœur rouge ♥".encode()), 64) and pooled.shape == (4, 64)
-        assert lengths.tolist() == [1, 19, 7, 11] and text.isfinite().all() and pooled.isfinite().all()
+        assert text.shape == (4, 5, 64) and pooled.shape == (4, 64)   # BOS and the words: keys
+        assert lengths.tolist() == [1, 5, 2, 4] and text.isfinite().all() and pooled.isfinite().all()
         # The empty caption (BOS alone) is a real condition: finite, and the same in any batch.
         alone = encoder(dit.tokenize([""]))
         torch.testing.assert_close(pooled[0], alone[2][0])
@@ -2598,6 +2616,42 @@ def test_caption_encoder_on_empty_long_and_non_ascii_captions(backend):
         # Token rows wider than this model's limit (32 bytes) are refused, not silently cut.
         with pytest.raises(ValueError, match="captions of 33 bytes, over this model's limit of 32"):
             encoder(dit.tokenize(["x" * 33]))
+
+
+def test_weights_of_an_older_layout_are_a_one_line_error():
+    """A text checkpoint from before the word-level encoder has caption_encoder.layers.* where
+    the model now has caption_encoder.spell.*: refused in one line, not a state_dict traceback."""
+    model = tiny_text_model()
+    old = {k.replace(".spell.", ".layers.9."): v for k, v in model.state_dict().items()}
+    with pytest.raises(train.CheckpointError, match=r"do not fit the model its arguments build \(\d+ names "
+                       r"differ, e.g. caption_encoder\.layers\.9\..*\): an older version of dit.py saved it"):
+        train.load_weights(model, old)
+    fresh = tiny_text_model()
+    train.load_weights(fresh, randomize(model).state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+
+
+def test_the_default_encoder_is_a_bag_of_words():
+    """text_depth 0: a word's feature is the same in every caption and every place, so "orange"
+    in a held-out "an orange cross" is the key the model learned from "something orange". With
+    layers across words (text_depth 1) the same word differs by its neighbours."""
+    def features(encoder, caption):
+        text, words, pooled = encoder(dit.tokenize([caption]))
+        return dict(zip(["<bos>", *caption.split()], text[0, :int(words[0])])), pooled[0]
+    bag = randomize(tiny_text_model(text_depth=0)).caption_encoder.eval()
+    assert dit.TextDiT_models["TextDiT-Mi/2"]().caption_encoder.layers.__len__() == 0  # the default
+    with torch.no_grad():
+        a, pooled_a = features(bag, "an orange cross")
+        b, _ = features(bag, "something orange")
+        c, pooled_c = features(bag, "cross orange an")
+        torch.testing.assert_close(a["orange"], b["orange"])
+        torch.testing.assert_close(a["<bos>"], b["<bos>"])
+        torch.testing.assert_close(pooled_a, pooled_c)               # word order: none
+        assert (a["orange"] - a["cross"]).abs().max() > 1e-2         # words differ from each other
+        context = randomize(tiny_text_model(text_depth=1)).caption_encoder.eval()
+        a, _ = features(context, "an orange cross")
+        b, _ = features(context, "something orange")
+        assert (a["orange"] - b["orange"]).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("backend", ["math", "sdpa", "triton"])

@@ -370,6 +370,17 @@ def build_model(model_args, **options):
     return (dit.TextDiT_models if name in dit.TextDiT_models else dit.DiT_models)[name](**args, **options)
 
 
+def load_weights(model, weights):
+    """model.load_state_dict(weights), but weights of another layout (a checkpoint saved by an
+    older dit.py: text runs before the word-level encoder) are a one-line error."""
+    ours, theirs = set(model.state_dict()), set(weights)
+    if ours != theirs:
+        odd = sorted(ours ^ theirs)
+        raise CheckpointError(f"the checkpoint's weights do not fit the model its arguments build ({len(odd)} "
+                              f"names differ, e.g. {odd[0]}): an older version of dit.py saved it; train again")
+    model.load_state_dict(weights)
+
+
 def num_params(model):
     """Every parameter, the frozen positions too: the count of the paper's Table 1."""
     return sum(p.numel() for p in model.parameters())
@@ -392,8 +403,8 @@ def resume(cfg, state, proc):
                               f"asks for {getattr(cfg, key)}: pass the same value, or another --out")
     if state.classes != saved["classes"]:
         raise ConfigError(f"{cfg.out} was trained on classes {saved['classes']}, but the data has {state.classes}")
-    state.model.load_state_dict(saved["model"])
-    state.ema.load_state_dict(saved["ema"])
+    load_weights(state.model, saved["model"])
+    load_weights(state.ema, saved["ema"])
     state.opt.load_state_dict(saved["opt"])
     state.step, state.wall_before = saved["step"], saved["wall_time"]
     rng = saved["rng"] if isinstance(saved["rng"], list) else [saved["rng"]]  # older files: rank 0's
