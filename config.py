@@ -109,7 +109,7 @@ TRAIN_PRESETS = {
         "log_every": 100, "ckpt_every": 1000, "sample_every": 2000,
     },
     "text": {                        # captions, not labels: metadata.jsonl, PixArt-alpha's cross-attention
-        "model": "TextDiT-Ti/8",     # the cpu preset's network plus a 2-layer caption encoder
+        "model": "TextDiT-Ti/8",     # the cpu preset's network plus a caption encoder (a bag of words)
         # A caption's colour is decided at high noise, where min-SNR's weight (SNR) is nearly 0:
         # with it the colour words were never learned (19% right after 3000 steps, chance 17%);
         # uniform weights on the x_0 error: 92%.

@@ -21,7 +21,8 @@ object per line, the file name relative to root (class folders optional):
 
 `CaptionFolder` turns that into (image, caption tokens) pairs. The built-in set
 writes one, naming each image's colour and shape too, so that the pairs in
-TEXT_HOLDOUT can be kept out of training and then asked for.
+TEXT_HOLDOUT can be kept out of training and then asked for. Its captions name
+the colour and the shape, or only one of them ("a star", "something red").
 
 Generate the built-in set and print a summary:
 

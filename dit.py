@@ -14,7 +14,7 @@ the paper's choice and the default). A final layer turns tokens back into patche
 Read it top to bottom:
     attention (three interchangeable backends; self- and cross-attention) -> embedders (patches,
     timesteps, labels) -> the block, four ways -> final layer -> DiT -> 2-D sin-cos positions
-    -> presets -> text to image (bytes as tokens, a caption encoder, PixArt-alpha's block)
+    -> presets -> text to image (bytes as tokens, a bag-of-words caption encoder, PixArt-alpha's block)
     -> the Gaussian diffusion process (Ho et al. 2020, Nichol & Dhariwal 2021, Song et al. 2021)
     -> flow matching (rectified flow, SiT) -> classifier-free guidance (Ho & Salimans 2022), for
     labels and for captions -> drawing images, the one sampling path of train.py's sample grids

@@ -204,7 +204,7 @@ def judge(net, images, real_a, real_b, num_classes, palette):
 def judge_prompts(net, model, diffusion, data_dir, image_size, cfg, device, grid=""):
     """On the built-in shapes: cfg.num samples of "a <colour> <shape>" for all 48 pairs, the shape
     judged by the classifier and the colour by the palette; the pairs of dataset.TEXT_HOLDOUT were
-    never in training, so their scores measure composition. Then 2 * cfg.num samples of "a <shape>"
+    never in training, so their scores measure composition. Then 6 * cfg.num samples of "a <shape>"
     for every shape, whose colours should spread as the training images' do (beside the same
     distance for as many real images: at a few hundred samples even a perfect sampler is ~0.05
     off, from counting alone). grid: also save the
