@@ -60,7 +60,8 @@ class TrainConfig:
     objective: str = option("ddpm", "ddpm: the DDPM chain (the paper's); flow: rectified flow (SiT, SD3)",
                             ("ddpm", "flow"))
     prediction: str = option("x0", "what the network predicts (flow: v or x0)", ("eps", "v", "x0"))
-    loss_weighting: str = option("min_snr", "per-timestep loss weights (ddpm)", ("uniform", "min_snr"))
+    loss_weighting: str = option("min_snr", "per-timestep loss weights (ddpm)",
+                                 ("uniform", "min_snr", "min_snr_floor"))
     loss: str = option("l2", "elementwise distance of prediction and target", ("l2", "l1"))
     # optimisation
     steps: int = option(4500, "optimizer steps in total (a resumed run continues to this number)", at_least=1)
@@ -112,8 +113,9 @@ TRAIN_PRESETS = {
         "model": "TextDiT-Ti/8",     # the cpu preset's network plus a caption encoder (a bag of words)
         # A caption's colour is decided at high noise, where min-SNR's weight (SNR) is nearly 0:
         # with it the colour words were never learned (19% right after 3000 steps, chance 17%);
-        # uniform weights on the x_0 error: 92%.
-        "loss_weighting": "uniform",
+        # uniform weights on the x_0 error: 92%, but rough shapes. min-SNR with a floor of 1 keeps
+        # both: colours 99%, shapes 88% -> 98% (README, Text to image).
+        "loss_weighting": "min_snr_floor",
         "out": "runs/text",
     },
     "paper": {                       # DiT as published: eps, linear betas, learned sigma, constant lr 1e-4

@@ -902,7 +902,10 @@ class GaussianDiffusion:
     learn_sigma: the remaining in_channels outputs interpolate the reverse variance between beta_t
         and the posterior variance (Improved DDPM), trained by the variational bound.
     loss_weighting: "uniform" (the paper) or "min_snr" (Hang et al. 2023: weights each timestep by
-        min(SNR, gamma) relative to its plain loss, so easy low-noise steps stop dominating).
+        min(SNR, gamma) relative to its plain loss, so easy low-noise steps stop dominating), or
+        "min_snr_floor": the same weight on the x_0 error, but at least 1, clamp(SNR, 1, gamma).
+        min-SNR's weight vanishes at high noise, where a caption's colour is decided; the floor
+        keeps those steps (uniform's weight there) and min-SNR's low-noise steps, where shapes are.
     loss: the elementwise distance between prediction and target, "l2" (DDPM) or "l1" (which
         some small-DiT projects prefer); the variational term (learn_sigma) is the same either way.
     """
@@ -913,8 +916,9 @@ class GaussianDiffusion:
                  learn_sigma=True, loss_weighting="uniform", min_snr_gamma=5.0, noise_shift=1.0, loss="l2"):
         if prediction not in ("eps", "v", "x0"):
             raise ValueError(f"unknown prediction target {prediction!r}; choose 'eps', 'v' or 'x0'")
-        if loss_weighting not in ("uniform", "min_snr"):
-            raise ValueError(f"unknown loss weighting {loss_weighting!r}; choose 'uniform' or 'min_snr'")
+        if loss_weighting not in ("uniform", "min_snr", "min_snr_floor"):
+            raise ValueError(f"unknown loss weighting {loss_weighting!r}; choose 'uniform', 'min_snr' or "
+                             f"'min_snr_floor'")
         self.loss = distance(loss)
         self.num_timesteps = num_timesteps
         self.prediction = prediction
@@ -1002,12 +1006,13 @@ class GaussianDiffusion:
         mse = mean_flat((target - pred.float()) ** 2)           # (N,)
         error = self.loss(target, pred.float())                 # (N,) mse for l2
         weight = torch.ones_like(mse)
-        if self.loss_weighting == "min_snr":
+        if self.loss_weighting != "uniform":
             snr = (abar / (1 - abar)).flatten()
             # MSE on eps equals SNR * MSE on x_0, MSE on v equals (SNR + 1) * it; all three are
-            # reweighted to min(SNR, gamma) * MSE on x_0.
+            # reweighted to min(SNR, gamma) * MSE on x_0 (with the floor: max(that, 1) * it).
             per_x0_mse = {"eps": snr, "v": snr + 1, "x0": torch.ones_like(snr)}[self.prediction]
-            weight = snr.clamp(max=self.min_snr_gamma) / per_x0_mse
+            floor = 1.0 if self.loss_weighting == "min_snr_floor" else None
+            weight = snr.clamp(min=floor, max=self.min_snr_gamma) / per_x0_mse
         losses = {"mse": mse, "loss": weight * error}
         if self.learn_sigma:
             # The variational-bound term trains only the variance: the mean is detached, so

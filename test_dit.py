@@ -525,10 +525,12 @@ def test_min_snr_weights():
     torch.testing.assert_close(losses["loss"], (snr.clamp(max=5) / snr).float())
 
 
+@pytest.mark.parametrize("weighting, floor", [("min_snr", None), ("min_snr_floor", 1.0)])
 @pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
-def test_min_snr_gives_every_target_the_same_x0_weighting(prediction):
-    """Whatever the network predicts, min-SNR weighting makes the loss min(SNR, 5) * MSE on x_0."""
-    d = dit.GaussianDiffusion(prediction=prediction, schedule="cosine", loss_weighting="min_snr",
+def test_min_snr_gives_every_target_the_same_x0_weighting(prediction, weighting, floor):
+    """Whatever the network predicts, min-SNR weighting makes the loss min(SNR, 5) * MSE on x_0,
+    and with the floor clamp(SNR, 1, 5) * MSE on x_0 (t = 999 and 500 lie below SNR 1)."""
+    d = dit.GaussianDiffusion(prediction=prediction, schedule="cosine", loss_weighting=weighting,
                               learn_sigma=False)
     torch.manual_seed(0)
     x0, noise = torch.randn(4, 3, 4, 4), torch.randn(4, 3, 4, 4)
@@ -540,7 +542,8 @@ def test_min_snr_gives_every_target_the_same_x0_weighting(prediction):
     model = lambda x, t, y: target_of(prediction, x0_guess, eps_guess, abar)  # noqa: E731
     losses = d.training_losses(model, x0, t, None, noise)
     snr = (d.alphas_cumprod / (1 - d.alphas_cumprod))[t]
-    expected = snr.clamp(max=5) * ((x0_guess - x0) ** 2).mean(dim=(1, 2, 3)).double()
+    assert snr[-1] < 1e-3 and snr[0] > 5                     # both ends of the clamp are exercised
+    expected = snr.clamp(min=floor, max=5) * ((x0_guess - x0) ** 2).mean(dim=(1, 2, 3)).double()
     torch.testing.assert_close(losses["loss"].double(), expected, rtol=1e-3, atol=1e-7)
 
 
