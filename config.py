@@ -96,7 +96,8 @@ class TrainConfig:
 # minutes on 2 CPU cores: 8 x 8 patches (16 tokens) keep a step cheap, so a small batch and a high
 # learning rate get 4500 steps in. A token then has no more dimensions (192) than its patch
 # (8 * 8 * 3), so the network predicts the clean image, not the noise (x0; with v the samples were
-# patchy blocks), and the noise schedule is shifted for 32 px (noise_shift 2); min-SNR weighting. Each line of the other presets says why it differs.
+# patchy blocks), and the noise schedule is shifted for 32 px (noise_shift 2); min-SNR weighting.
+# Each line of the other presets says why it differs.
 TRAIN_PRESETS = {
     "cpu": {},
     "gpu": {

@@ -77,10 +77,11 @@ def resolve_conditions(cfg, model, classes):
 
 def generate(model, diffusion, y, cfg, device, snapshots=0):
     """`cfg.num` images of each condition in y (labels (L,) or caption tokens (L, T)), in order, in
-    [0, 1] (on the CPU), denoised `cfg.batch_size` at a time by dit.draw; plus `snapshots` evenly spaced x_t of each label's first image (a list,
-    noisiest first, of (L, C, H, W); the last one is the final image). With the default DDIM at
-    eta 0 the images do not depend on the batch size; the per-step noise of DDPM or eta > 0 is
-    drawn per batch, so there the same --seed needs the same --batch-size."""
+    [0, 1] (on the CPU), denoised `cfg.batch_size` at a time by dit.draw; plus `snapshots` evenly
+    spaced x_t of each label's first image (a list, noisiest first, of (L, C, H, W); the last one
+    is the final image). With the default DDIM at eta 0 the images do not depend on the batch
+    size; the per-step noise of DDPM or eta > 0 is drawn per batch, so there the same --seed needs
+    the same --batch-size."""
     y_all = y.repeat_interleave(cfg.num, 0)                                 # (L*num,)
     j_all = list(range(cfg.num)) * len(y)                     # which sample of its label each is
     kept = torch.linspace(0, cfg.steps - 1, snapshots).round().long().tolist() if snapshots else []

@@ -2642,7 +2642,7 @@ def test_the_default_encoder_is_a_bag_of_words():
         text, words, pooled = encoder(dit.tokenize([caption]))
         return dict(zip(["<bos>", *caption.split()], text[0, :int(words[0])])), pooled[0]
     bag = randomize(tiny_text_model(text_depth=0)).caption_encoder.eval()
-    assert dit.TextDiT_models["TextDiT-Mi/2"]().caption_encoder.layers.__len__() == 0  # the default
+    assert len(dit.TextDiT_models["TextDiT-Mi/2"]().caption_encoder.layers) == 0  # the default
     with torch.no_grad():
         a, pooled_a = features(bag, "an orange cross")
         b, _ = features(bag, "something orange")
