@@ -681,16 +681,21 @@ class CaptionEncoder(nn.Module):
         # How many words and how long: shapes that depend on the bytes, so worked out on the host
         # (a GPU waits once per step for a few hundred bytes; the meta device, which has no
         # bytes, can count the cost of a model given host tokens).
+        # A word's feature depends on its bytes alone, and a batch of captions repeats a few words
+        # ("a", "red", ...) many times: each distinct word is spelled once (U rows, not N * W)
+        # and copied to its places, the same numbers at a fraction of the cost.
         device = self.token_embedder.weight.device
-        grid, words = (z.to(device) for z in spell_words(tokens.cpu()))      # (N, W, B), (N,)
+        grid, words = spell_words(tokens.cpu())                              # (N, W, B), (N,)
         N, W, B = grid.shape
-        grid = grid.view(N * W, B)                                           # one word per row
-        letters = caption_lengths(grid).clamp(min=1)                         # (N * W,) a row past the last word: 1 PAD
-        x = self.token_embedder(grid) + self.pos_embed[:B]                   # (N * W, B, D)
+        distinct, place = torch.unique(grid.view(N * W, B), dim=0, return_inverse=True)  # (U, B), (N * W,)
+        distinct, place, words = distinct.to(device), place.to(device), words.to(device)
+        letters = caption_lengths(distinct).clamp(min=1)                     # (U,) a row past the last word: 1 PAD
+        x = self.token_embedder(distinct) + self.pos_embed[:B]               # (U, B, D)
         for layer in self.spell:
-            x = layer(x, letters)                                            # (N * W, B, D)
-        inside = torch.arange(B, device=device) < letters[:, None]            # (N * W, B)
-        x = (torch.where(inside[..., None], x, 0).sum(dim=1) / letters[:, None]).view(N, W, -1)  # (N, W, D)
+            x = layer(x, letters)                                            # (U, B, D)
+        inside = torch.arange(B, device=device) < letters[:, None]            # (U, B)
+        x = torch.where(inside[..., None], x, 0).sum(dim=1) / letters[:, None]  # (U, D)
+        x = x[place].view(N, W, -1)                                          # (N, W, D)
         if self.layers:  # words that see each other see their order too; a bag has none
             x = x + self.pos_embed[:W]                                       # (N, W, D)
         for layer in self.layers:

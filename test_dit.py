@@ -2657,6 +2657,23 @@ def test_the_default_encoder_is_a_bag_of_words():
         assert (a["orange"] - b["orange"]).abs().max() > 1e-3
 
 
+def test_each_distinct_word_is_spelled_once():
+    """A batch repeats its words: the spelling layers see each distinct one once (and one row of
+    padding), and every caption's features are those it has alone."""
+    encoder = randomize(tiny_text_model()).caption_encoder.eval()
+    rows = []
+    encoder.spell[0].register_forward_hook(lambda module, args, out: rows.append(out.shape[0]))
+    captions = ["a red star", "a red heart", "red", "", "a star in red"]
+    with torch.no_grad():
+        text, words, pooled = encoder(dit.tokenize(captions))
+        assert rows == [7]  # <bos> a red star heart in, and the padding row: not 5 captions x 5 rows
+        for i, caption in enumerate(captions):
+            alone, count, alone_pooled = encoder(dit.tokenize([caption]))
+            assert words[i] == count[0]
+            torch.testing.assert_close(text[i, :int(count[0])], alone[0])
+            torch.testing.assert_close(pooled[i], alone_pooled[0])
+
+
 @pytest.mark.parametrize("backend", ["math", "sdpa", "triton"])
 def test_padded_captions_give_the_unpadded_output(backend, monkeypatch):
     """The whole text model on each backend; on "triton" (~3 s in the CPU's interpreter) it is the
