@@ -2108,6 +2108,21 @@ def test_palette_colours_finds_each_drawn_colour():
     assert evaluate.total_variation(torch.tensor([1.0, 0]), torch.tensor([0, 1.0])) == 1
 
 
+def test_one_colour_tells_a_painted_shape_from_a_patchwork():
+    """A drawn shape is one colour; the same shape with its left half repainted in another palette
+    colour is not (palette_colours would give it one colour: that of its mean)."""
+    import random
+    from torchvision.transforms.functional import pil_to_tensor
+    shapes = torch.stack([pil_to_tensor(dataset.draw_shape(name, 32, random.Random(i), colour=i % 6)).float() / 255
+                          for i, name in enumerate(dataset.SHAPES)])                   # (8, 3, 32, 32)
+    assert evaluate.one_colour(shapes).all()
+    patchwork = shapes.clone()
+    lit = patchwork[:, :, :, :16].amax(1, keepdim=True) > 0.25                          # (8, 1, 32, 16)
+    other = torch.tensor(dataset.PALETTE[3], dtype=torch.float32)[:, None, None] / 255  # green
+    patchwork[:, :, :, :16] = torch.where(lit, other, patchwork[:, :, :, :16])
+    assert not evaluate.one_colour(patchwork[[0, 1, 2, 4, 5]]).any()  # palette colours other than green
+
+
 def test_real_reference_sets_are_disjoint_balanced_and_held_out_first(tmp_path):
     for c in range(2):
         (tmp_path / f"c{c}").mkdir()

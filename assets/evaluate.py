@@ -123,6 +123,18 @@ def palette_colours(images, threshold=0.25):
     return torch.cdist(colour, palette).argmin(1)
 
 
+def one_colour(images, threshold=0.25, share=0.8):
+    """(N,) bool: is the image painted in one colour, at least `share` of its bright pixels
+    nearest the same palette colour? Real shapes are (99%; their anti-aliased rims are the
+    rest); a sample that paints some patches red and others green averages to a third colour."""
+    palette = torch.tensor(PALETTE, dtype=torch.float32) / 255                 # (P, 3)
+    pixels = images.flatten(2).transpose(1, 2)                                  # (N, H*W, 3)
+    bright = pixels.amax(-1) > threshold                                        # (N, H*W)
+    nearest = torch.cdist(pixels, palette.expand(len(images), -1, -1)).argmin(-1)  # (N, H*W)
+    votes = F.one_hot(nearest, len(PALETTE)).mul(bright[..., None]).sum(1)      # (N, P)
+    return votes.amax(1) >= share * votes.sum(1).clamp(min=1)
+
+
 def colour_histogram(images):
     counts = torch.bincount(palette_colours(images), minlength=len(PALETTE)).float()
     return counts / counts.sum()
@@ -228,7 +240,8 @@ def judge_prompts(net, model, diffusion, data_dir, image_size, cfg, device, grid
     plain = dataclasses.replace(cfg, num=6 * cfg.num)
     plain_images, _ = generate(model, diffusion, dit.tokenize([shape_prompt(s) for s in SHAPES]), plain, device)
     real = CaptionFolder(data_dir, image_size, split="train")
-    real_colours = palette_colours(torch.stack([real[i][0] for i in range(len(real))]) / 2 + 0.5)  # (K,)
+    real_images = torch.stack([real[i][0] for i in range(len(real))]) / 2 + 0.5                   # (K, 3, S, S)
+    real_colours = palette_colours(real_images)                                                    # (K,)
     data_hist = torch.bincount(real_colours, minlength=len(PALETTE)).float() / len(real_colours)
     plain_hist = colour_histogram(plain_images)
     # The floor: as many real images, drawn at random, 20 times; their mean distance to all of them.
@@ -238,7 +251,9 @@ def judge_prompts(net, model, diffusion, data_dir, image_size, cfg, device, grid
     result = {"seen_shape": shape_hit[~held].float().mean().item(), "seen_colour": colour_hit[~held].float().mean().item(),
               "held_shape": shape_hit[held].float().mean().item(), "held_colour": colour_hit[held].float().mean().item(),
               "per_pair": per_pair, "plain_colours": plain_hist.tolist(),
-              "plain_colour_tv": total_variation(plain_hist, data_hist), "plain_colour_tv_real": floor}
+              "plain_colour_tv": total_variation(plain_hist, data_hist), "plain_colour_tv_real": floor,
+              "plain_one_colour": one_colour(plain_images).float().mean().item(),
+              "real_one_colour": one_colour(real_images).float().mean().item()}
     print(f"prompts 'a <colour> <shape>', {cfg.num} samples each: seen pairs shape {100 * result['seen_shape']:.1f}%, "
           f"colour {100 * result['seen_colour']:.1f}%; held-out pairs (never in training) shape "
           f"{100 * result['held_shape']:.1f}%, colour {100 * result['held_colour']:.1f}%")
@@ -247,7 +262,8 @@ def judge_prompts(net, model, diffusion, data_dir, image_size, cfg, device, grid
         print(f"  held out {shape_prompt(shape, colour):>20s}: shape {100 * hit_shape:5.1f}%, colour {100 * hit_colour:5.1f}%")
     shares = " ".join(f"{name} {100 * p:.0f}%" for name, p in zip(COLOUR_NAMES, plain_hist.tolist()))
     print(f"prompts 'a <shape>' (no colour), {plain.num} each: colours {shares}; total variation to the "
-          f"training images' colours {result['plain_colour_tv']:.3f} (as many real images: {floor:.3f})")
+          f"training images' colours {result['plain_colour_tv']:.3f} (as many real images: {floor:.3f}); "
+          f"in one colour: {100 * result['plain_one_colour']:.0f}% (real: {100 * result['real_one_colour']:.0f}%)")
     return result
 
 
