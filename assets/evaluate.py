@@ -219,7 +219,8 @@ def judge_prompts(net, model, diffusion, data_dir, image_size, cfg, device, grid
     never in training, so their scores measure composition. Then 6 * cfg.num samples of "a <shape>"
     for every shape, whose colours should spread as the training images' do (beside the same
     distance for as many real images: at a few hundred samples even a perfect sampler is ~0.05
-    off, from counting alone). grid: also save the first sample of each pair there, rows colours
+    off, from counting alone), and the share of them painted in one colour, as real shapes are
+    (a patchwork of two colours counts as their mean's colour in the histogram). grid: also save the first sample of each pair there, rows colours
     and columns shapes, held-out pairs framed in white."""
     pairs = [(colour, shape) for colour in COLOUR_NAMES for shape in SHAPES]
     prompts = [shape_prompt(shape, colour) for colour, shape in pairs]
