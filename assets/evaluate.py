@@ -12,7 +12,8 @@ colours against the data's)?
 
 For a text run (train.py --preset text) it prompts "a <colour> <shape>" for all 48 pairs and
 judges the shape by the CNN and the colour by the palette, the pairs the run never saw apart,
-and prompts "a <shape>" to see whether the colours then spread as the data's do.
+and prompts "a <shape>" to see whether the colours then spread as the data's do (and whether
+each sample is painted in one colour, as every real one is).
 
 The Frechet distance here is FID's formula on OUR classifier's 128 penultimate features, not on
 Inception's: its numbers compare only with each other, at equal sample counts (the estimate is
@@ -220,8 +221,9 @@ def judge_prompts(net, model, diffusion, data_dir, image_size, cfg, device, grid
     for every shape, whose colours should spread as the training images' do (beside the same
     distance for as many real images: at a few hundred samples even a perfect sampler is ~0.05
     off, from counting alone), and the share of them painted in one colour, as real shapes are
-    (a patchwork of two colours counts as their mean's colour in the histogram). grid: also save the first sample of each pair there, rows colours
-    and columns shapes, held-out pairs framed in white."""
+    (a patchwork of two colours counts as their mean's colour in the histogram). grid: also save
+    the first sample of each pair there, rows colours and columns shapes, held-out pairs framed
+    in white."""
     pairs = [(colour, shape) for colour in COLOUR_NAMES for shape in SHAPES]
     prompts = [shape_prompt(shape, colour) for colour, shape in pairs]
     images, _ = generate(model, diffusion, dit.tokenize(prompts), cfg, device)
