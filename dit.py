@@ -654,7 +654,8 @@ class CaptionEncoder(nn.Module):
     """Tokens -> one feature per word, the word counts, and a pooled vector.
 
     `spell_depth` layers read each word's bytes (embeddings plus sin-cos positions within the
-    word), seeing no other word; their mean over the bytes is the word's feature. `depth` more
+    word), seeing no other word, once per distinct word of the batch; their mean over the bytes
+    is the word's feature. `depth` more
     layers then let the words see each other and their order (0, the default: a bag of words, in
     which no word's feature depends on its neighbours). A final LayerNorm; the pooled vector is
     the mean over the words through an MLP, as the timestep's embedding has one."""
@@ -678,12 +679,12 @@ class CaptionEncoder(nn.Module):
         """tokens (N, L) from tokenize() -> features (N, W, D), word counts (N,), pooled (N, D)."""
         if tokens.shape[1] > self.max_bytes + 1:
             raise ValueError(f"captions of {tokens.shape[1] - 1} bytes, over this model's limit of {self.max_bytes}")
-        # How many words and how long: shapes that depend on the bytes, so worked out on the host
-        # (a GPU waits once per step for a few hundred bytes; the meta device, which has no
-        # bytes, can count the cost of a model given host tokens).
-        # A word's feature depends on its bytes alone, and a batch of captions repeats a few words
-        # ("a", "red", ...) many times: each distinct word is spelled once (U rows, not N * W)
-        # and copied to its places, the same numbers at a fraction of the cost.
+        # How many words, how long, and which are the same: shapes that depend on the bytes, so
+        # worked out on the host (a GPU waits once per step for a few hundred bytes; the meta
+        # device, which has no bytes, can count the cost of a model given host tokens). A word's
+        # feature depends on its bytes alone, and a batch repeats a few words ("a", "red", ...)
+        # many times: each distinct word is spelled once (U rows, not N * W) and copied to its
+        # places, the same numbers at a fraction of the cost.
         device = self.token_embedder.weight.device
         grid, words = spell_words(tokens.cpu())                              # (N, W, B), (N,)
         N, W, B = grid.shape

@@ -2674,7 +2674,7 @@ def test_the_default_encoder_is_a_bag_of_words():
 
 def test_each_distinct_word_is_spelled_once():
     """A batch repeats its words: the spelling layers see each distinct one once (and one row of
-    padding), and every caption's features are those it has alone."""
+    padding), and every caption's features and gradients are those it has alone."""
     encoder = randomize(tiny_text_model()).caption_encoder.eval()
     rows = []
     encoder.spell[0].register_forward_hook(lambda module, args, out: rows.append(out.shape[0]))
@@ -2687,6 +2687,18 @@ def test_each_distinct_word_is_spelled_once():
             assert words[i] == count[0]
             torch.testing.assert_close(text[i, :int(count[0])], alone[0])
             torch.testing.assert_close(pooled[i], alone_pooled[0])
+    # The copies carry gradients back to the one spelling: the same as spelling each caption alone.
+    def grads(batches):
+        encoder.zero_grad()
+        for batch in batches:
+            text, words, pooled = encoder(dit.tokenize(batch))    # (N, W, D), (N,), (N, D)
+            real = torch.arange(text.shape[1]) < words[:, None]   # (N, W) not padding
+            (text[real].square().sum() + pooled.sum()).backward()
+        assert all(p.grad is not None for p in encoder.parameters())  # the spelling layers too
+        return [p.grad.clone() for p in encoder.parameters()]
+    together, apart = grads([captions]), grads([[c] for c in captions])
+    for a, b in zip(together, apart):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("backend", ["math", "sdpa", "triton"])
