@@ -2123,6 +2123,26 @@ def test_one_colour_tells_a_painted_shape_from_a_patchwork():
     assert not evaluate.one_colour(patchwork[[0, 1, 2, 4, 5]]).any()  # palette colours other than green
 
 
+
+def test_per_shape_spread_sees_what_pooling_hides():
+    """Data whose shape k comes in colours 2k and 2k+1 alone: samples that give every shape all six
+    colours match the pooled colours exactly, yet per shape they are 2/3 off; samples drawn from
+    each shape's own colours are near the counting floor; a shape with no real image is NaN."""
+    real_shapes = torch.arange(3).repeat_interleave(100)                         # (300,)
+    real_colours = 2 * real_shapes + torch.arange(2).repeat(150)                 # (300,) shape k: 2k, 2k+1
+    everywhere = torch.arange(6).repeat(3, 8)                                    # (3, 48)
+    pooled = torch.bincount(everywhere.flatten(), minlength=6) / everywhere.numel()
+    assert evaluate.total_variation(pooled, torch.bincount(real_colours, minlength=6) / 300) == 0
+    draws = torch.Generator().manual_seed(0)
+    tvs, floor = evaluate.per_shape_tv(everywhere, real_colours, real_shapes, draws)
+    assert tvs.tolist() == pytest.approx([2 / 3] * 3) and 0.02 < floor < 0.2
+    own = 2 * torch.arange(3)[:, None] + torch.randint(0, 2, (3, 48), generator=draws)  # (3, 48)
+    tvs, _ = evaluate.per_shape_tv(own, real_colours, real_shapes, draws)
+    assert tvs.max() < 0.25
+    tvs, _ = evaluate.per_shape_tv(own, real_colours, torch.where(real_shapes == 2, 0, real_shapes), draws)
+    assert tvs[2].isnan() and not tvs[:2].isnan().any()
+
+
 def test_real_reference_sets_are_disjoint_balanced_and_held_out_first(tmp_path):
     for c in range(2):
         (tmp_path / f"c{c}").mkdir()
@@ -2855,6 +2875,8 @@ def test_a_text_run_trains_draws_its_prompts_and_sample_py_draws_the_same(tiny_d
         mean = sum(result["per_pair"][p][index] for p in prompts_of) / len(prompts_of)
         assert result[key] == pytest.approx(mean)
     assert sum(result["plain_colours"]) == pytest.approx(1.0)
+    tvs = result["plain_shape_tvs"]
+    assert len(tvs) >= 6 and result["plain_shape_tv"] == pytest.approx(sum(tvs.values()) / len(tvs))
     with pytest.raises(SystemExit, match='--label is for class runs; this run was trained on captions'):
         run_sample(out, tmp_path / "l", "--label", "1")
     with pytest.raises(SystemExit, match="this run was trained on captions: say what to draw"):

@@ -26,6 +26,7 @@ Not a run-time part of the project: it only measures. The classifier is cached b
 
 import argparse
 import dataclasses
+import math
 import sys
 import time
 from pathlib import Path
@@ -146,6 +147,32 @@ def total_variation(p, q):
     return 0.5 * (p - q).abs().sum().item()
 
 
+def counting_floor(colours, n, generator, draws=20):
+    """How far n real images drawn at random from `colours` (palette indices) are from all of them
+    in total variation, the mean of `draws` draws: even a perfect sampler is that far off."""
+    hist = torch.bincount(colours, minlength=len(PALETTE)).float() / len(colours)
+    return sum(total_variation(torch.bincount(colours[torch.randperm(len(colours), generator=generator)[:n]],
+                                              minlength=len(PALETTE)).float() / n, hist)
+               for _ in range(draws)) / draws
+
+
+def per_shape_tv(drawn, real_colours, real_shapes, generator):
+    """Total variation per shape: drawn (shapes, n) palette indices of n samples of each shape,
+    against the colours of that shape's real images (real_colours and real_shapes, (K,) each).
+    Returns the (shapes,) distances (NaN for a shape with no real image) and the mean counting
+    floor. Pooled over the shapes, a sampler that paints every triangle orange and every circle
+    red can still match the data's colours; per shape it cannot. A held-out pair is rightly
+    absent here: "a square" never saw a red one in training."""
+    tvs, floors = torch.full((len(drawn),), float("nan")), []
+    for k, row in enumerate(drawn):
+        mine = real_colours[real_shapes == k]
+        if len(mine):
+            tvs[k] = total_variation(torch.bincount(row, minlength=len(PALETTE)).float() / len(row),
+                                     torch.bincount(mine, minlength=len(PALETTE)).float() / len(mine))
+            floors.append(counting_floor(mine, len(row), generator))
+    return tvs, sum(floors) / len(floors)
+
+
 def real_reference(data, per_class, seed=0):
     """Two disjoint sets of real images (in [0, 1]), `per_class` of each class in each, taken from
     the classifier's held-out split first (features of images it trained on could sit closer to
@@ -221,7 +248,8 @@ def judge_prompts(net, model, diffusion, data_dir, image_size, cfg, device, grid
     for every shape, whose colours should spread as the training images' do (beside the same
     distance for as many real images: at a few hundred samples even a perfect sampler is ~0.05
     off, from counting alone), and the share of them painted in one colour, as real shapes are
-    (a patchwork of two colours counts as their mean's colour in the histogram). grid: also save
+    (a patchwork of two colours counts as their mean's colour in the histogram); the same distance
+    also per shape, against that shape's training images, which pooling cannot hide. grid: also save
     the first sample of each pair there, rows colours and columns shapes, held-out pairs framed
     in white."""
     pairs = [(colour, shape) for colour in COLOUR_NAMES for shape in SHAPES]
@@ -245,16 +273,20 @@ def judge_prompts(net, model, diffusion, data_dir, image_size, cfg, device, grid
     real = CaptionFolder(data_dir, image_size, split="train")
     real_images = torch.stack([real[i][0] for i in range(len(real))]) / 2 + 0.5                   # (K, 3, S, S)
     real_colours = palette_colours(real_images)                                                    # (K,)
+    real_shapes = torch.tensor([SHAPES.index(shape) for _, shape in real.pairs])                   # (K,)
     data_hist = torch.bincount(real_colours, minlength=len(PALETTE)).float() / len(real_colours)
+    plain_colours = palette_colours(plain_images)                                                  # (8 * num,)
     plain_hist = colour_histogram(plain_images)
-    # The floor: as many real images, drawn at random, 20 times; their mean distance to all of them.
     draws = torch.Generator().manual_seed(cfg.seed)
-    floor = sum(total_variation(torch.bincount(real_colours[torch.randperm(len(real_colours), generator=draws)[
-        :len(plain_images)]], minlength=len(PALETTE)).float() / len(plain_images), data_hist) for _ in range(20)) / 20
+    pooled_floor = counting_floor(real_colours, len(plain_images), draws)
+    shape_tv, shape_floor = per_shape_tv(plain_colours.view(len(SHAPES), -1), real_colours, real_shapes, draws)
     result = {"seen_shape": shape_hit[~held].float().mean().item(), "seen_colour": colour_hit[~held].float().mean().item(),
               "held_shape": shape_hit[held].float().mean().item(), "held_colour": colour_hit[held].float().mean().item(),
               "per_pair": per_pair, "plain_colours": plain_hist.tolist(),
-              "plain_colour_tv": total_variation(plain_hist, data_hist), "plain_colour_tv_real": floor,
+              "plain_colour_tv": total_variation(plain_hist, data_hist),
+              "plain_colour_tv_real": pooled_floor,
+              "plain_shape_tv": shape_tv.nanmean().item(),
+              "plain_shape_tv_real": shape_floor, "plain_shape_tvs": {shape: tv for shape, tv in zip(SHAPES, shape_tv.tolist()) if not math.isnan(tv)},
               "plain_one_colour": one_colour(plain_images).float().mean().item(),
               "real_one_colour": one_colour(real_images).float().mean().item()}
     print(f"prompts 'a <colour> <shape>', {cfg.num} samples each: seen pairs shape {100 * result['seen_shape']:.1f}%, "
@@ -265,8 +297,12 @@ def judge_prompts(net, model, diffusion, data_dir, image_size, cfg, device, grid
         print(f"  held out {shape_prompt(shape, colour):>20s}: shape {100 * hit_shape:5.1f}%, colour {100 * hit_colour:5.1f}%")
     shares = " ".join(f"{name} {100 * p:.0f}%" for name, p in zip(COLOUR_NAMES, plain_hist.tolist()))
     print(f"prompts 'a <shape>' (no colour), {plain.num} each: colours {shares}; total variation to the "
-          f"training images' colours {result['plain_colour_tv']:.3f} (as many real images: {floor:.3f}); "
-          f"in one colour: {100 * result['plain_one_colour']:.0f}% (real: {100 * result['real_one_colour']:.0f}%)")
+          f"training images' colours {result['plain_colour_tv']:.3f} (as many real images: "
+          f"{result['plain_colour_tv_real']:.3f}); in one colour: {100 * result['plain_one_colour']:.0f}% "
+          f"(real: {100 * result['real_one_colour']:.0f}%)")
+    per_shape = ", ".join(f"{shape} {tv:.2f}" for shape, tv in result["plain_shape_tvs"].items())
+    print(f"  per shape, against that shape's training images: mean total variation {result['plain_shape_tv']:.3f} "
+          f"(as many real images: {result['plain_shape_tv_real']:.3f}); {per_shape}")
     return result
 
 
