@@ -339,7 +339,7 @@ TEXT_HOLDOUT = (("green", "circle"), ("orange", "cross"), ("blue", "heart"), ("y
 # A few wordings, so that the model learns the words rather than one sentence. Two fifths of the
 # captions leave the colour out, so that "a star" means a star of any colour: with one fifth,
 # "a <shape>" rarely committed to a colour and came out orange, the palette colour nearest the
-# mean of all six (README, "Where the spread fails"). A fifth leave the shape out: "something
+# mean of all six (README, "The spread: why"). A fifth leave the shape out: "something
 # orange" is then learned apart from any shape.
 COLOURED_CAPTIONS = ("a {colour} {shape}", "{colour} {shape}", "a {shape} in {colour}",
                      "a {colour} {shape} on black")
