@@ -283,10 +283,9 @@ def judge_prompts(net, model, diffusion, data_dir, image_size, cfg, device, grid
     result = {"seen_shape": shape_hit[~held].float().mean().item(), "seen_colour": colour_hit[~held].float().mean().item(),
               "held_shape": shape_hit[held].float().mean().item(), "held_colour": colour_hit[held].float().mean().item(),
               "per_pair": per_pair, "plain_colours": plain_hist.tolist(),
-              "plain_colour_tv": total_variation(plain_hist, data_hist),
-              "plain_colour_tv_real": pooled_floor,
-              "plain_shape_tv": shape_tv.nanmean().item(),
-              "plain_shape_tv_real": shape_floor, "plain_shape_tvs": {shape: tv for shape, tv in zip(SHAPES, shape_tv.tolist()) if not math.isnan(tv)},
+              "plain_colour_tv": total_variation(plain_hist, data_hist), "plain_colour_tv_real": pooled_floor,
+              "plain_shape_tv": shape_tv.nanmean().item(), "plain_shape_tv_real": shape_floor,
+              "plain_shape_tvs": {shape: tv for shape, tv in zip(SHAPES, shape_tv.tolist()) if not math.isnan(tv)},
               "plain_one_colour": one_colour(plain_images).float().mean().item(),
               "real_one_colour": one_colour(real_images).float().mean().item()}
     print(f"prompts 'a <colour> <shape>', {cfg.num} samples each: seen pairs shape {100 * result['seen_shape']:.1f}%, "
