@@ -2123,7 +2123,6 @@ def test_one_colour_tells_a_painted_shape_from_a_patchwork():
     assert not evaluate.one_colour(patchwork[[0, 1, 2, 4, 5]]).any()  # palette colours other than green
 
 
-
 def test_per_shape_spread_sees_what_pooling_hides():
     """Data whose shape k comes in colours 2k and 2k+1 alone: samples that give every shape all six
     colours match the pooled colours exactly, yet per shape they are 2/3 off; samples drawn from
@@ -2509,7 +2508,8 @@ def test_shapes_metadata_names_each_image_truly(captioned_shapes):
     assert {"C S", "a S in C", "a S", "S", "C", "something C"} <= wordings
     assert {"a C S", "an C S"} & wordings and {"a C S on black", "an C S on black"} & wordings
     assert {"a C shape", "an C shape"} & wordings
-    assert abs(plain / len(lines) - 0.4) < 0.1 and abs(shapeless / len(lines) - 0.2) < 0.1
+    assert abs(plain / len(lines) - dataset.NO_COLOUR_FRACTION) < 0.1
+    assert abs(shapeless / len(lines) - dataset.NO_SHAPE_FRACTION) < 0.1
     # Deterministic: the same seed writes the same captions, another seed others.
     again = make_shapes_dataset(root.parent / "again", images_per_class=30, image_size=16)
     other = make_shapes_dataset(root.parent / "other", images_per_class=30, image_size=16, seed=1)

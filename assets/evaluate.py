@@ -12,8 +12,8 @@ colours against the data's)?
 
 For a text run (train.py --preset text) it prompts "a <colour> <shape>" for all 48 pairs and
 judges the shape by the CNN and the colour by the palette, the pairs the run never saw apart,
-and prompts "a <shape>" to see whether the colours then spread as the data's do (and whether
-each sample is painted in one colour, as every real one is).
+and prompts "a <shape>" to see whether the colours then spread as the data's do, pooled and per
+shape (and whether each sample is painted in one colour, as every real one is).
 
 The Frechet distance here is FID's formula on OUR classifier's 128 penultimate features, not on
 Inception's: its numbers compare only with each other, at equal sample counts (the estimate is
