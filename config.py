@@ -88,6 +88,8 @@ class TrainConfig:
     cfg_scale: float = option(3.0, "classifier-free guidance scale for the sample grids", at_least=0)
     cfg_interval: tuple = option(CFG_INTERVAL, "guide the sample grids only at timesteps LO <= t < HI",
                                  at_least=0, at_most=1000)
+    cfg_colour_scale: float = option(None, "the sample grids' guidance scale for colour (as sample.py's)",
+                                     at_least=0)
     profile: bool = option(False, "write a torch.profiler trace of a few steps to <out>/profile")
     benchmark: bool = option(False, "time training steps on random data and print one line (no run directory)")
 
@@ -143,6 +145,9 @@ class SampleConfig:
     cfg_scale: float = option(3.0, "classifier-free guidance scale (1: no guidance)", at_least=0)
     cfg_interval: tuple = option(CFG_INTERVAL, "guide only at timesteps LO <= t < HI of the trained 1000 "
                                  "(elsewhere the class alone, one pass: faster)", at_least=0, at_most=1000)
+    cfg_colour_scale: float = option(None, "guidance scale for colour, each pixel's RGB offset from its grey "
+                                     "(1: the condition's own colours; --cfg-scale's value: plain guidance); "
+                                     "default: 1 for a text run, --cfg-scale for a class run", at_least=0)
     sampler: str = option("auto", "reverse process: ddim or ddpm for a DDPM run, euler or heun for a flow run; "
                           "auto: ddim or euler", ("auto", "ddim", "ddpm", "euler", "heun"))
     steps: int = option(50, "denoising steps (respaced from the trained 1000)", at_least=1)

@@ -683,7 +683,9 @@ class CaptionEncoder(nn.Module):
         # device, which has no bytes, can count the cost of a model given host tokens). A word's
         # feature depends on its bytes alone, and a batch repeats a few words ("a", "red", ...)
         # many times: each distinct word is spelled once (U rows, not N * W) and copied to its
-        # places, the same numbers at a fraction of the cost.
+        # places, the same numbers at a fraction of the cost. The copies are index_select's: its
+        # backward on the CPU adds them up in a fixed order (x[place]'s in parallel, in any order,
+        # so two runs with one seed parted).
         device = self.token_embedder.weight.device
         grid, words = spell_words(tokens.cpu())                              # (N, W, B), (N,)
         N, W, B = grid.shape
@@ -695,7 +697,7 @@ class CaptionEncoder(nn.Module):
             x = layer(x, letters)                                            # (U, B, D)
         inside = torch.arange(B, device=device) < letters[:, None]            # (U, B)
         x = torch.where(inside[..., None], x, 0).sum(dim=1) / letters[:, None]  # (U, D)
-        x = x[place].view(N, W, -1)                                          # (N, W, D)
+        x = x.index_select(0, place).view(N, W, -1)                          # (N, W, D)
         if self.layers:  # words that see each other see their order too; a bag has none
             x = x + self.pos_embed[:W]                                       # (N, W, D)
         for layer in self.layers:
@@ -1209,9 +1211,9 @@ def make_diffusion(objective="ddpm", **args):
 # Classifier-free guidance (Ho & Salimans 2022; DiT Sec. 3.1)
 # -----------------------------------------------------------------------------
 
-def guided_model_fn(model, y, cfg_scale, interval=(0, math.inf)):
+def guided_model_fn(model, y, cfg_scale, interval=(0, math.inf), colour_scale=None):
     """model_fn(x, t) for the samplers: the network's output for class y (N,), with classifier-free
-    guidance when cfg_scale != 1; for a TextDiT, y is captions (N, L) from tokenize(). Guidance
+    guidance unless both scales are 1; for a TextDiT, y is captions (N, L) from tokenize(). Guidance
     extrapolates from the null condition's prediction towards the class's (or caption's):
     pred = pred(x, null) + s * (pred(x, y) - pred(x, null)); the null condition is the null label,
     or the empty caption, which label or caption dropout taught the network. The mixed channels are
@@ -1225,8 +1227,20 @@ def guided_model_fn(model, y, cfg_scale, interval=(0, math.inf)):
     and layout are chosen, guidance pulls every sample towards the class's commonest look; at low
     noise it changes little. Guiding in the middle keeps the fidelity and the spread.
 
+    colour_scale: the scale for colour alone. A pixel's mean over the RGB channels is its grey
+    level and the rest is its colour; guidance's change is split so, the grey part scaled by
+    cfg_scale and the colour part by colour_scale. Why: a caption without a colour ("a star") gets
+    a conditional that leans slightly towards the palette's mean (orange), and guidance at 3
+    triples the lean; the shape lives in the grey image, so guiding grey alone keeps the shapes
+    crisp while colour keeps the conditional's own spread (README, "Guidance that leaves colour
+    alone"). None: 1 for a TextDiT, for that reason; cfg_scale (plain guidance) for a class DiT,
+    whose guidance interval already keeps the data's colours. For pixel-space RGB models, as here;
+    in a latent space the channel mean is not grey.
+
     Raises ValueError if guidance is asked of a model without a null condition."""
-    if cfg_scale == 1:
+    if colour_scale is None:
+        colour_scale = 1.0 if isinstance(model, TextDiT) else cfg_scale
+    if cfg_scale == 1 and colour_scale == 1:
         return lambda x, t: model(x, t, y)
     if isinstance(model, TextDiT):
         null, dropout, what = empty_captions(*y.shape, y.device), model.caption_dropout_prob, "caption"
@@ -1246,7 +1260,12 @@ def guided_model_fn(model, y, cfg_scale, interval=(0, math.inf)):
             return model(x, t, y)
         out = model(torch.cat([x, x]), torch.cat([t, t]), both_labels)   # (2N, C_out, H, W)
         cond, uncond = out.chunk(2)                                      # (N, C_out, H, W) each
-        pred = uncond[:, :C] + cfg_scale * (cond[:, :C] - uncond[:, :C])  # (N, C, H, W)
+        delta = cond[:, :C] - uncond[:, :C]                              # (N, C, H, W)
+        if colour_scale == cfg_scale:
+            pred = uncond[:, :C] + cfg_scale * delta                     # (N, C, H, W)
+        else:
+            grey = delta.mean(1, keepdim=True)                           # (N, 1, H, W)
+            pred = uncond[:, :C] + cfg_scale * grey + colour_scale * (delta - grey)
         pred = torch.where(inside[:, None, None, None], pred, cond[:, :C])
         return torch.cat([pred, cond[:, C:]], dim=1)                     # (N, C_out, H, W)
     return model_fn
@@ -1275,7 +1294,8 @@ def to_unit(x):
 
 
 @torch.no_grad()
-def draw(model, diffusion, y, j, seed, steps, cfg_scale, sampler="auto", eta=0.0, interval=(0, math.inf)):
+def draw(model, diffusion, y, j, seed, steps, cfg_scale, sampler="auto", eta=0.0, interval=(0, math.inf),
+         colour_scale=None):
     """Denoise sample j[i] of class y[i] (or caption y[i], tokens) for every i, with guidance:
     yields x_t after each of the `steps` reverse steps, (N, C, H, W), the last one the sample.
     DDPM's per-step noise (or DDIM's at eta > 0) comes from one generator per batch, keyed by its
@@ -1285,7 +1305,7 @@ def draw(model, diffusion, y, j, seed, steps, cfg_scale, sampler="auto", eta=0.0
     keys = [row[:n] for row, n in zip(y.tolist(), caption_lengths(y).tolist())] if y.ndim == 2 else y.tolist()
     noise = torch.stack([initial_noise(seed, c, k, shape) for c, k in zip(keys, j)]).to(y.device)  # x_T
     gen = torch.Generator(y.device).manual_seed(seed_for(seed, "steps", keys[0], j[0]))
-    model_fn = guided_model_fn(model, y, cfg_scale, interval)
+    model_fn = guided_model_fn(model, y, cfg_scale, interval, colour_scale)
     sampler = diffusion.samplers[0] if sampler == "auto" else sampler
     for _, x, _ in diffusion.denoise_steps(model_fn, noise, steps=steps, sampler=sampler, eta=eta,
                                            generator=gen):

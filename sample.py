@@ -92,7 +92,7 @@ def generate(model, diffusion, y, cfg, device, snapshots=0):
         y, j = y_all[start:start + cfg.batch_size].to(device), j_all[start:start + cfg.batch_size]
         firsts = [i for i, k in enumerate(j) if k == 0]  # this batch's first images of a label
         steps = dit.draw(model, diffusion, y, j, cfg.seed, cfg.steps, cfg.cfg_scale, cfg.sampler, cfg.eta,
-                         cfg.cfg_interval)
+                         cfg.cfg_interval, cfg.cfg_colour_scale)
         with autocast(cfg, device):
             for k, x in enumerate(tqdm(steps, total=cfg.steps, desc="denoising", leave=False)):
                 if k in keep:
@@ -131,9 +131,9 @@ def main(argv=None):
             kind = "flow matching" if isinstance(diffusion, dit.RectifiedFlow) else "DDPM"
             raise ConfigError(f"--sampler {cfg.sampler} does not fit this {kind} run: choose "
                               f"{' or '.join(diffusion.samplers)}")
-        if cfg.cfg_scale != 1:
+        if cfg.cfg_scale != 1 or cfg.cfg_colour_scale not in (None, 1):
             try:  # dit owns the rule (guidance needs a null label); asked here, before any sampling
-                dit.guided_model_fn(model, y[:1], cfg.cfg_scale)
+                dit.guided_model_fn(model, y[:1], cfg.cfg_scale, colour_scale=cfg.cfg_colour_scale)
             except ValueError as err:
                 raise ConfigError(str(err)) from None
         if cfg.steps > diffusion.num_timesteps:

@@ -572,13 +572,14 @@ def write_graph(writer, model, names):
 def write_samples(ema, diffusion, cfg, classes, device, out, writer, step):
     """samples/step_N.png, enlarged for people, and step_N_raw.png at the images' own size: row c
     holds samples 0-7 of class c (or of a text run's prompt c) exactly as `python sample.py --label
-    c` (--prompt "...") draws them with this run's --sample-steps, --cfg-scale, --cfg-interval and
-    --precision (one path, dit.draw, and sample.py's default seed)."""
+    c` (--prompt "...") draws them with this run's --sample-steps, --cfg-scale, --cfg-interval,
+    --cfg-colour-scale and --precision (one path, dit.draw, and sample.py's default seed)."""
     y = grid_condition(ema, classes, device)                                        # (8 L,), row-major
-    cfg_scale = cfg.cfg_scale if cfg.class_dropout > 0 else 1.0  # no null condition, no guidance
+    guided = cfg.class_dropout > 0  # no null condition, no guidance
     with autocast(cfg, device):
         for x in dit.draw(ema, diffusion, y, list(range(8)) * len(classes), SampleConfig.seed,
-                          cfg.sample_steps, cfg_scale, interval=cfg.cfg_interval):
+                          cfg.sample_steps, cfg.cfg_scale if guided else 1.0, interval=cfg.cfg_interval,
+                          colour_scale=cfg.cfg_colour_scale if guided else 1.0):
             pass
     (out / "samples").mkdir(exist_ok=True)
     name = out / "samples" / f"step_{step:07d}"

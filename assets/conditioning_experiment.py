@@ -55,12 +55,13 @@ def train_design(design, args, train_argv):
 
 def judge(design, args, cfg_scale, device):
     """Share of samples the classifier recognises, and one grid of samples per class, both with the
-    guidance scale the run was trained to show (train.py's --cfg-scale)."""
+    guidance scale the run was trained to show (train.py's --cfg-scale), colour included, as in the paper."""
     run = str(Path(args.runs) / design)
     recognised = evaluate.main(["--ckpt", run, "--num", str(args.num), "--cfg-scale", str(cfg_scale),
-                                "--cfg-interval", "0", "1000"])["recognised"]
+                                "--cfg-colour-scale", str(cfg_scale), "--cfg-interval", "0", "1000"])["recognised"]
     model, diffusion, classes = sample.load_model(run, device)
-    cfg = SampleConfig(num=8, steps=50, cfg_scale=cfg_scale, cfg_interval=(0, 1000), seed=0)
+    cfg = SampleConfig(num=8, steps=50, cfg_scale=cfg_scale, cfg_interval=(0, 1000), cfg_colour_scale=cfg_scale,
+                       seed=0)
     images, _ = sample.generate(model, diffusion, torch.arange(len(classes)), cfg, device)
     zoom = max(1, 64 // model.input_size)  # nearest-pixel enlargement: 16 px images are hard to see
     train.save_grid(images, Path(args.out) / f"conditioning_{design}.png", nrow=cfg.num, zoom=zoom)

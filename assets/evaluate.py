@@ -315,6 +315,8 @@ def main(argv=None):
     parser.add_argument("--cfg-scale", type=float, default=defaults.cfg_scale)
     parser.add_argument("--cfg-interval", type=float, nargs=2, default=defaults.cfg_interval,
                         metavar=("LO", "HI"), help="guidance only for timesteps LO <= t < HI")
+    parser.add_argument("--cfg-colour-scale", type=float, default=defaults.cfg_colour_scale,
+                        help="guidance scale for colour (sample.py's --cfg-colour-scale)")
     parser.add_argument("--grid", default="", help="also save the first 8 samples per class (a text run: the "
                         "first of each colour and shape) here, 4x enlarged")
     parser.add_argument("--seed", type=int, default=1)
@@ -332,7 +334,8 @@ def main(argv=None):
     device = resolve_device("auto")
     model, diffusion, model_classes = load_model(args.ckpt, device)
     cfg = SampleConfig(num=args.num or (8 if model_classes is None else 32), sampler=args.sampler, steps=args.steps,
-                       cfg_scale=args.cfg_scale, cfg_interval=tuple(args.cfg_interval), seed=args.seed)
+                       cfg_scale=args.cfg_scale, cfg_interval=tuple(args.cfg_interval),
+                       cfg_colour_scale=args.cfg_colour_scale, seed=args.seed)
     if model_classes is None:  # a text run
         return judge_prompts(net, model, diffusion, data_dir, image_size, cfg, device, args.grid)
     real_a, real_b, borrowed = real_reference(data, cfg.num)
@@ -355,7 +358,8 @@ def main(argv=None):
     sampler = diffusion.samplers[0] if args.sampler == "auto" else args.sampler
     print(f"samples recognised as their class: {100 * result['recognised']:.1f}% (worst class {classes[worst]} "
           f"{100 * result['per_class'][worst]:.1f}%; chance {100 / len(classes):.1f}%), {sampler} "
-          f"{args.steps} steps, cfg {args.cfg_scale} for {lo:g} <= t < {hi:g}, {len(images)} samples in {seconds:.1f}s")
+          f"{args.steps} steps, cfg {args.cfg_scale} (colour {args.cfg_colour_scale}) for {lo:g} <= t < {hi:g}, "
+          f"{len(images)} samples in {seconds:.1f}s")
     print(f"feature Frechet distance to real images: {result['fd']:.1f} (real vs real, same count: "
           f"{result['fd_real']:.1f})")
     if "colours" in result:
