@@ -55,10 +55,12 @@ def train_design(design, args, train_argv):
 
 def judge(design, args, cfg_scale, device):
     """Share of samples the classifier recognises, and one grid of samples per class, both with the
-    guidance scale the run was trained to show (train.py's --cfg-scale), colour included, as in the paper."""
+    guidance scale the run was trained to show (train.py's --cfg-scale), colour included as in the
+    paper."""
     run = str(Path(args.runs) / design)
     recognised = evaluate.main(["--ckpt", run, "--num", str(args.num), "--cfg-scale", str(cfg_scale),
-                                "--cfg-colour-scale", str(cfg_scale), "--cfg-interval", "0", "1000"])["recognised"]
+                                "--cfg-colour-scale", str(cfg_scale), "--cfg-interval", "0", "1000"]
+                               )["recognised"]
     model, diffusion, classes = sample.load_model(run, device)
     cfg = SampleConfig(num=8, steps=50, cfg_scale=cfg_scale, cfg_interval=(0, 1000), cfg_colour_scale=cfg_scale,
                        seed=0)

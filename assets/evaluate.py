@@ -356,9 +356,10 @@ def main(argv=None):
     worst = min(range(len(classes)), key=lambda c: result["per_class"][c])
     lo, hi = cfg.cfg_interval
     sampler = diffusion.samplers[0] if args.sampler == "auto" else args.sampler
+    colour = args.cfg_scale if args.cfg_colour_scale is None else args.cfg_colour_scale  # a class run's default
     print(f"samples recognised as their class: {100 * result['recognised']:.1f}% (worst class {classes[worst]} "
           f"{100 * result['per_class'][worst]:.1f}%; chance {100 / len(classes):.1f}%), {sampler} "
-          f"{args.steps} steps, cfg {args.cfg_scale} (colour {args.cfg_colour_scale}) for {lo:g} <= t < {hi:g}, "
+          f"{args.steps} steps, cfg {args.cfg_scale} (colour {colour}) for {lo:g} <= t < {hi:g}, "
           f"{len(images)} samples in {seconds:.1f}s")
     print(f"feature Frechet distance to real images: {result['fd']:.1f} (real vs real, same count: "
           f"{result['fd_real']:.1f})")
