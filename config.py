@@ -88,8 +88,8 @@ class TrainConfig:
     cfg_scale: float = option(3.0, "classifier-free guidance scale for the sample grids", at_least=0)
     cfg_interval: tuple = option(CFG_INTERVAL, "guide the sample grids only at timesteps LO <= t < HI",
                                  at_least=0, at_most=1000)
-    cfg_colour_scale: float = option(None, "the sample grids' guidance scale for colour (as sample.py's)",
-                                     at_least=0)
+    cfg_colour_scale: float = option(None, "the sample grids' guidance scale for colour (sample.py's flag; "
+                                     "default: 1 for a text run, --cfg-scale for a class run)", at_least=0)
     profile: bool = option(False, "write a torch.profiler trace of a few steps to <out>/profile")
     benchmark: bool = option(False, "time training steps on random data and print one line (no run directory)")
 

@@ -656,8 +656,9 @@ class CaptionEncoder(nn.Module):
     `spell_depth` layers read each word's bytes (embeddings plus sin-cos positions within the
     word), seeing no other word, once per distinct word of the batch; their mean over the bytes
     is the word's feature. `depth` more layers then let the words see each other and their order
-    (0, the default: a bag of words, in which no word's feature depends on its neighbours). A final LayerNorm; the pooled vector is
-    the mean over the words through an MLP, as the timestep's embedding has one."""
+    (0, the default: a bag of words, in which no word's feature depends on its neighbours). A
+    final LayerNorm; the pooled vector is the mean over the words through an MLP, as the
+    timestep's embedding has one."""
 
     def __init__(self, hidden_size, depth, num_heads, mlp_ratio=4.0, max_bytes=MAX_CAPTION_BYTES,
                  attn_backend="auto", spell_depth=1):

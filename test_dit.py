@@ -2091,6 +2091,22 @@ def test_colour_scale_guides_the_grey_image_and_leaves_colour_to_its_own_scale()
         parse_args(SampleConfig, ["--cfg-colour-scale", "-1"])
 
 
+def test_training_grids_take_the_colour_scale(tmp_path):
+    """write_samples hands --cfg-colour-scale to dit.draw: dropped, every setting would draw the
+    same grid. A class model's default (None) is plain guidance: the cfg scale for colour too."""
+    model = randomize(tiny_model(input_size=8, num_classes=3)).eval()
+    diffusion = dit.GaussianDiffusion(schedule="cosine", prediction="v")
+    grids = {}
+    for colour in (None, 3.0, 0.0):
+        out = tmp_path / str(colour)
+        out.mkdir()
+        cfg = TrainConfig(sample_steps=2, cfg_scale=3.0, cfg_interval=(0, 1000), cfg_colour_scale=colour)
+        train.write_samples(model, diffusion, cfg, ["a", "b", "c"], torch.device("cpu"), out, RecordingWriter(), 7)
+        grids[colour] = png_pixels(out / "samples" / "step_0000007_raw.png").int()
+    assert torch.equal(grids[None], grids[3.0])
+    assert (grids[0.0] - grids[3.0]).abs().max() > 10
+
+
 def test_cfg_interval_flag_is_validated():
     assert parse_args(SampleConfig, ["--cfg-interval", "100", "600"]).cfg_interval == (100, 600)
     with pytest.raises(ConfigError, match=r"--cfg-interval: expected LO < HI, got 600 100"):
