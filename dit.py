@@ -1266,7 +1266,7 @@ def guided_model_fn(model, y, cfg_scale, interval=(0, math.inf), colour_scale=No
             pred = uncond[:, :C] + cfg_scale * delta                     # (N, C, H, W)
         else:
             grey = delta.mean(1, keepdim=True)                           # (N, 1, H, W)
-            pred = uncond[:, :C] + cfg_scale * grey + colour_scale * (delta - grey)
+            pred = uncond[:, :C] + cfg_scale * grey + colour_scale * (delta - grey)  # (N, C, H, W)
         pred = torch.where(inside[:, None, None, None], pred, cond[:, :C])
         return torch.cat([pred, cond[:, C:]], dim=1)                     # (N, C_out, H, W)
     return model_fn

@@ -2107,6 +2107,18 @@ def test_training_grids_take_the_colour_scale(tmp_path):
     assert (grids[0.0] - grids[3.0]).abs().max() > 10
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--cfg-colour-scale", "-1"], "argument --cfg-colour-scale: expected a number >= 0, got '-1'"),
+    (["--cfg-scale", "nan"], "argument --cfg-scale: expected a number >= 0, got 'nan'"),
+    (["--steps", "0"], "argument --steps: expected an integer >= 1, got '0'"),
+])
+def test_evaluate_checks_its_sampling_flags_as_sample_py_does(argv, message, capsys):
+    """Before anything is loaded: --ckpt names no run here, and the flag is the first error."""
+    with pytest.raises(SystemExit) as caught:
+        evaluate.main(["--ckpt", "no/such/run", *argv])
+    assert caught.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_cfg_interval_flag_is_validated():
     assert parse_args(SampleConfig, ["--cfg-interval", "100", "600"]).cfg_interval == (100, 600)
     with pytest.raises(ConfigError, match=r"--cfg-interval: expected LO < HI, got 600 100"):

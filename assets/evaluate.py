@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torchvision.utils import save_image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from config import SampleConfig  # noqa: E402
+from config import SampleConfig, converter  # noqa: E402
 import dit  # noqa: E402
 from dataset import (COLOUR_NAMES, MARKER, PALETTE, SHAPES, TEXT_HOLDOUT, CaptionFolder, ImageFolder,  # noqa: E402
                      shape_prompt)
@@ -310,12 +310,14 @@ def main(argv=None):
     parser.add_argument("--ckpt", default="runs/default")
     parser.add_argument("--num", type=int, default=None, help="samples per class (32), or per prompt of a text run (8)")
     defaults = SampleConfig()  # sample.py's defaults: the score is what a user of sample.py sees
+    ranges = {f.name: converter(f) for f in dataclasses.fields(SampleConfig)  # and its valid ranges
+              if f.name in ("steps", "cfg_scale", "cfg_colour_scale")}
     parser.add_argument("--sampler", default=defaults.sampler, choices=("auto", "ddim", "ddpm", "euler", "heun"))
-    parser.add_argument("--steps", type=int, default=defaults.steps)
-    parser.add_argument("--cfg-scale", type=float, default=defaults.cfg_scale)
+    parser.add_argument("--steps", type=ranges["steps"], default=defaults.steps)
+    parser.add_argument("--cfg-scale", type=ranges["cfg_scale"], default=defaults.cfg_scale)
     parser.add_argument("--cfg-interval", type=float, nargs=2, default=defaults.cfg_interval,
                         metavar=("LO", "HI"), help="guidance only for timesteps LO <= t < HI")
-    parser.add_argument("--cfg-colour-scale", type=float, default=defaults.cfg_colour_scale,
+    parser.add_argument("--cfg-colour-scale", type=ranges["cfg_colour_scale"], default=defaults.cfg_colour_scale,
                         help="guidance scale for colour (sample.py's --cfg-colour-scale)")
     parser.add_argument("--grid", default="", help="also save the first 8 samples per class (a text run: the "
                         "first of each colour and shape) here, 4x enlarged")
