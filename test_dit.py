@@ -2748,6 +2748,44 @@ def test_the_default_encoder_is_a_bag_of_words():
         assert (a["orange"] - b["orange"]).abs().max() > 1e-3
 
 
+def test_the_pooled_caption_is_the_mean_of_its_words_vectors():
+    """caption_pool "mlp_then_mean" (the default): words x pooled is a sum over the words, so an
+    unseen pair's vector is made of seen parts: "a purple ring" = "a purple" + "ring" - "" (each
+    caption has the BOS word once). "mean_then_mlp" (older text runs) sends the mean through
+    the MLP: no such sum, which is why the choice is stored with the run."""
+    def summed(encoder, caption):
+        _, words, pooled = encoder(dit.tokenize([caption]))
+        return words[0] * pooled[0]                                               # (D,)
+    for pool, additive in [("mlp_then_mean", True), ("mean_then_mlp", False)]:
+        encoder = randomize(tiny_text_model(text_depth=0, caption_pool=pool)).caption_encoder.eval()
+        with torch.no_grad():
+            whole = summed(encoder, "a purple ring")
+            parts = summed(encoder, "a purple") + summed(encoder, "ring") - summed(encoder, "")
+        assert torch.allclose(whole, parts, atol=1e-5) == additive, pool
+    assert dit.TextDiT_models["TextDiT-Mi/2"]().caption_encoder.pool_order == "mlp_then_mean"
+    with pytest.raises(ValueError, match=r"unknown caption pool 'max'; choose from \('mlp_then_mean', "):
+        tiny_text_model(caption_pool="max")
+
+
+def test_an_older_text_checkpoint_pools_as_it_was_trained(tiny_data, tmp_path):
+    """Text runs saved before caption_pool existed pooled mean_then_mlp: the loader says so, so
+    sample.py draws from them as they were trained, and resuming one with this dit.py (which
+    builds mlp_then_mean, and no flag changes that) is a one-line error, not a silent switch."""
+    out = tmp_path / "text"
+    train.main(tiny_args(tiny_data, out, 2, "--model", "TextDiT-Mi/4"))
+    path = train.checkpoint_files(out)[0]
+    saved = torch.load(path, weights_only=True)
+    assert saved["model_args"]["caption_pool"] == "mlp_then_mean"
+    del saved["model_args"]["caption_pool"]
+    torch.save(saved, path)
+    assert train.load_checkpoint(out)["model_args"]["caption_pool"] == "mean_then_mlp"
+    model = sample.load_model(out, torch.device("cpu"))[0]
+    assert model.caption_encoder.pool_order == "mean_then_mlp"
+    with pytest.raises(SystemExit, match=r"holds a text run whose caption encoder pools mean_then_mlp \(an older "
+                                         r"dit.py\); this one pools mlp_then_mean: sample it as it is"):
+        train.main(tiny_args(tiny_data, out, 4, "--model", "TextDiT-Mi/4"))
+
+
 def test_each_distinct_word_is_spelled_once():
     """A batch repeats its words: the spelling layers see each distinct one once (and one row of
     padding), and every caption's features and gradients are those it has alone."""

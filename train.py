@@ -351,6 +351,7 @@ def build_state(cfg, classes, proc):
     if is_text(cfg):  # captions instead of labels: the dropout is the empty caption's
         del model_args["num_classes"], model_args["conditioning"]
         model_args["caption_dropout_prob"] = model_args.pop("class_dropout_prob")
+        model_args["caption_pool"] = "mlp_then_mean"  # stored: older text runs pooled the other way
     diffusion_args = {key: getattr(cfg, key) for key in (*DIFFUSION_ARGS, "loss_weighting", "loss")}
     model = build_model(model_args, attn_backend=cfg.attn, grad_checkpointing=cfg.grad_checkpointing)
     model.to(proc.device)
@@ -403,6 +404,10 @@ def resume(cfg, state, proc):
         if getattr(cfg, key) != saved_cfg.get(key):
             raise ConfigError(f"{cfg.out} holds a run trained with {flag(key)} {saved_cfg.get(key)}, but this run "
                               f"asks for {getattr(cfg, key)}: pass the same value, or another --out")
+    pools = saved["model_args"].get("caption_pool"), state.model_args.get("caption_pool")
+    if pools[0] != pools[1]:  # no flag sets it: an older dit.py did
+        raise ConfigError(f"{cfg.out} holds a text run whose caption encoder pools {pools[0]} (an older dit.py); "
+                          f"this one pools {pools[1]}: sample it as it is, or train into another --out")
     if state.classes != saved["classes"]:
         raise ConfigError(f"{cfg.out} was trained on classes {saved['classes']}, but the data has {state.classes}")
     load_weights(state.model, saved["model"])
@@ -752,6 +757,9 @@ def read_checkpoint(path):
     missing = [k for k in CHECKPOINT_KEYS if k not in state] if isinstance(state, dict) else ["a dict"]
     if missing:
         raise CheckpointError(f"{path} is not a checkpoint of this project (it lacks {', '.join(missing)})")
+    args = state["model_args"]
+    if isinstance(args, dict) and args.get("name") in dit.TextDiT_models:  # text runs saved before the
+        args.setdefault("caption_pool", "mean_then_mlp")                    # choice pooled this way
     return state
 
 
