@@ -2111,6 +2111,8 @@ def test_training_grids_take_the_colour_scale(tmp_path):
     (["--cfg-colour-scale", "-1"], "argument --cfg-colour-scale: expected a number >= 0, got '-1'"),
     (["--cfg-scale", "nan"], "argument --cfg-scale: expected a number >= 0, got 'nan'"),
     (["--steps", "0"], "argument --steps: expected an integer >= 1, got '0'"),
+    (["--cfg-interval", "-5", "100"], "argument --cfg-interval: expected a number in [0, 1000], got '-5'"),
+    (["--cfg-interval", "600", "100"], "argument --cfg-interval: expected LO < HI, got 600 100"),
 ])
 def test_evaluate_checks_its_sampling_flags_as_sample_py_does(argv, message, capsys):
     """Before anything is loaded: --ckpt names no run here, and the flag is the first error."""

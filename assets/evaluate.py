@@ -311,11 +311,11 @@ def main(argv=None):
     parser.add_argument("--num", type=int, default=None, help="samples per class (32), or per prompt of a text run (8)")
     defaults = SampleConfig()  # sample.py's defaults: the score is what a user of sample.py sees
     ranges = {f.name: converter(f) for f in dataclasses.fields(SampleConfig)  # and its valid ranges
-              if f.name in ("steps", "cfg_scale", "cfg_colour_scale")}
+              if f.name in ("steps", "cfg_scale", "cfg_interval", "cfg_colour_scale")}
     parser.add_argument("--sampler", default=defaults.sampler, choices=("auto", "ddim", "ddpm", "euler", "heun"))
     parser.add_argument("--steps", type=ranges["steps"], default=defaults.steps)
     parser.add_argument("--cfg-scale", type=ranges["cfg_scale"], default=defaults.cfg_scale)
-    parser.add_argument("--cfg-interval", type=float, nargs=2, default=defaults.cfg_interval,
+    parser.add_argument("--cfg-interval", type=ranges["cfg_interval"], nargs=2, default=defaults.cfg_interval,
                         metavar=("LO", "HI"), help="guidance only for timesteps LO <= t < HI")
     parser.add_argument("--cfg-colour-scale", type=ranges["cfg_colour_scale"], default=defaults.cfg_colour_scale,
                         help="guidance scale for colour (sample.py's --cfg-colour-scale)")
@@ -325,6 +325,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.num is not None and args.num < 2:
         parser.error("--num: expected an integer >= 2 (a covariance needs two samples)")
+    if not args.cfg_interval[0] < args.cfg_interval[1]:
+        lo, hi = args.cfg_interval
+        parser.error(f"argument --cfg-interval: expected LO < HI, got {lo:g} {hi:g}")
 
     state = load_checkpoint(args.ckpt)
     data_dir = state["config"]["data"] or BUILTIN_DATA
