@@ -559,7 +559,8 @@ def forward_gmacs(model):
 # The encoder reads each word on its own and hands the DiT a bag of words: "orange" is one and the
 # same key in "an orange star" as in "something orange". That is what lets the model draw a colour
 # and a shape it never saw together (README, Text to image: an encoder whose words see each other
-# drew the held-out pairs with one of their two words right, a bag with both).
+# drew the held-out pairs with one of their two words right, a bag with both). The pooled vector
+# follows suit: the mean of the words' vectors, each through the pooling MLP, not the MLP of their mean.
 # -----------------------------------------------------------------------------
 
 # The tokenizer is UTF-8 itself: bytes 0..255 are their own tokens, so any caption in any language
@@ -661,8 +662,8 @@ class CaptionEncoder(nn.Module):
     `pool` says in which order: "mlp_then_mean" (the default) averages each word's MLP output, so
     a caption's vector is the mean of its words' vectors and an unseen pair ("a purple ring") is
     made of two known parts; "mean_then_mlp" (text runs before it) sends the words' mean through
-    the MLP, a new point for a new pair. Same parameters; on the built-in shapes the first met
-    the held-out line on every seed measured (README)."""
+    the MLP, a new point for a new pair. Same parameters; on the built-in shapes the first drew
+    the held-out pairs' shapes >= 90% right in 7 runs of 7, the second in 7 of 12 (README)."""
 
     POOLS = ("mlp_then_mean", "mean_then_mlp")
 
