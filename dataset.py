@@ -249,6 +249,7 @@ class CaptionFolder(torch.utils.data.Dataset):
             raise ValueError(f"unknown split {split!r}; choose from {SPLITS}")
         self.root = Path(root)
         self.image_size = image_size
+        self.classes = None  # captions, not class labels
         meta = self.root / METADATA
         entries = _read_metadata(self.root, max_caption_bytes)
         held_out = set(TEXT_HOLDOUT)

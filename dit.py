@@ -12,13 +12,14 @@ the paper's choice and the default). A final layer turns tokens back into patche
 (and, with learn_sigma, the interpolation between the two variance bounds).
 
 Read it top to bottom:
-    attention (three interchangeable backends; self- and cross-attention) -> embedders (patches,
-    timesteps, labels) -> the block, four ways -> final layer -> DiT -> 2-D sin-cos positions
-    -> presets -> text to image (bytes as tokens, a bag-of-words caption encoder, PixArt-alpha's block)
-    -> the Gaussian diffusion process (Ho et al. 2020, Nichol & Dhariwal 2021, Song et al. 2021)
-    -> flow matching (rectified flow, SiT) -> classifier-free guidance (Ho & Salimans 2022), for
-    labels and for captions -> drawing images, the one sampling path of train.py's sample grids
-    and sample.py.
+    attention (math, SDPA, our Triton kernel) -> embedders and the 2-D sin-cos positions -> the
+    block and the final layer -> DiT, whose `condition` method is the one place where (t, y) becomes
+    what the blocks see -> presets and cost -> the Gaussian diffusion process (Ho et al. 2020,
+    Nichol & Dhariwal 2021, Song et al. 2021) -> flow matching (rectified flow, SiT), behind the
+    same interface -> classifier-free guidance (Ho & Salimans 2022) and `draw`, the one sampling
+    path of train.py's grids and sample.py -> the text model (captions as bytes, a caption encoder
+    trained alongside, PixArt-alpha's cross-attention): a DiT subclass that overrides `condition`
+    -> appendix: how attention "auto" falls back from our kernel to SDPA.
 
 With conditioning="adaln-zero" the state dict uses the reference layout (facebookresearch/DiT),
 so its released checkpoints load with `model.load_state_dict(state_dict, strict=True)`.
@@ -49,15 +50,14 @@ CONDITIONINGS = ("adaln-zero", "adaln", "cross-attn", "in-context")
 def attention(q, k, v, backend="auto", key_lengths=None):
     """Non-causal multi-head attention: q (B, H, N, D) attends to k, v (B, H, M, D), M keys
     (M = N in self-attention, M = 2 in cross-attention to t and y); returns (B, H, N, D).
-    "auto" is our Triton kernel on a GPU and SDPA elsewhere (see _auto_uses_triton below).
+    "auto" is our Triton kernel on a GPU and SDPA elsewhere (appendix, at the end of the file).
     key_lengths (B,), optional: sample b attends to its first key_lengths[b] keys only, the rest
     being padding (captions of different lengths in one batch); each in [1, M]."""
     if backend == "auto":
         backend = "triton" if _auto_uses_triton(q, k, v, key_lengths) else "sdpa"
-    # The kernel takes the lengths themselves and checks them; the other two take a mask.
-    mask = None
-    if key_lengths is not None and backend != "triton":
-        mask = _key_padding_mask(key_lengths, q, k)  # (B, 1, 1, M)
+    if backend == "triton":  # the kernel takes the lengths themselves (and checks them)
+        return _triton_attention(q, k, v, key_lengths)
+    mask = None if key_lengths is None else key_padding_mask(key_lengths, q, k)  # (B, 1, 1, M)
     if backend == "math":
         # Written out for readers: the (N, M) score matrix is materialised, which is exactly
         # what FlashAttention avoids. Softmax in fp32 keeps bf16/fp16 runs stable.
@@ -67,13 +67,14 @@ def attention(q, k, v, backend="auto", key_lengths=None):
         return scores.float().softmax(dim=-1).to(v.dtype) @ v     # (B, H, N, D)
     if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    if backend == "triton":
-        return _triton_attention(q, k, v, key_lengths)
     raise ValueError(f"unknown attention backend {backend!r}; choose from {ATTENTION_BACKENDS}")
 
 
-def _check_key_lengths(key_lengths, q, k):
-    """Per-sample key lengths: an integer tensor (B,) on q's device, each length in [1, M]."""
+def check_key_lengths(key_lengths, q, k):
+    """Per-sample key lengths: an integer tensor (B,) on q's device, each length in [1, M]. Used by
+    every backend and by flash_attn_triton. The values are read only where they live on the host:
+    the model makes its lengths there, right by construction, and moves them to the GPU, where a
+    read would make every attention call wait for the device."""
     B, M = q.shape[0], k.shape[2]
     integers = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
     if not isinstance(key_lengths, torch.Tensor) or key_lengths.dtype not in integers:
@@ -84,16 +85,16 @@ def _check_key_lengths(key_lengths, q, k):
                          f"got {tuple(key_lengths.shape)}")
     if key_lengths.device != q.device:
         raise ValueError(f"key_lengths must be on q's device {q.device}, not {key_lengths.device}")
-    if B > 0 and not key_lengths.is_meta:  # the meta device (counting FLOPs) has no values to check
-        shortest, longest = torch.stack(torch.aminmax(key_lengths)).tolist()
+    if B > 0 and key_lengths.device.type == "cpu":
+        shortest, longest = int(key_lengths.min()), int(key_lengths.max())
         if shortest < 1 or longest > M:
             raise ValueError(f"key_lengths must be in [1, M] = [1, {M}]; got values in [{shortest}, "
                              f"{longest}] (a length of 0 masks every key: that softmax row is 0 / 0 = NaN)")
 
 
-def _key_padding_mask(key_lengths, q, k):
+def key_padding_mask(key_lengths, q, k):
     """What SDPA and "math" take for key lengths: a boolean mask, True where a key is attended to."""
-    _check_key_lengths(key_lengths, q, k)
+    check_key_lengths(key_lengths, q, k)
     positions = torch.arange(k.shape[2], device=k.device)        # (M,)
     return (positions < key_lengths[:, None])[:, None, None, :]  # (B, 1, 1, M), broadcast over H, N
 
@@ -153,87 +154,9 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
-# -----------------------------------------------------------------------------
-# Attention backend "auto": our Triton kernel on a GPU, tried once per shape, else SDPA
-# -----------------------------------------------------------------------------
-
-def _flash_attention():
-    """Our FlashAttention kernel (flash_attn_triton.py), imported on first use: Triton is optional."""
-    try:
-        from flash_attn_triton import flash_attention
-    except Exception as err:  # ImportError, or a Triton that fails while initialising
-        raise RuntimeError(f"the Triton kernel cannot be imported ({type(err).__name__}: {err})") from err
-    return flash_attention
-
-
-# What "auto" learned about the Triton kernel in this process: {(q shape, k shape, dtype, grad):
-# whether it ran}. Module-level, like Triton's own compile cache: it describes this machine's
-# Triton and GPU, not any one model.
-_triton_works = {}
-
-
-def _on_gpu(q):
-    """Where "auto" tries the Triton kernel (a function, so that the CPU tests can pretend)."""
-    return q.is_cuda
-
-
-@functools.cache  # tried, and warned about, once per process
-def _triton_imports():
-    try:
-        _flash_attention()
-        return True
-    except RuntimeError as err:
-        warnings.warn(f"attention 'auto': {err}; SDPA computes every shape instead", stacklevel=4)
-        return False
-
-
-def _triton_attention(q, k, v, key_lengths=None):
-    """Our kernel, handed key lengths only when there are some (plain calls stay flash_attention(q, k, v))."""
-    if key_lengths is None:
-        return _flash_attention()(q, k, v)
-    return _flash_attention()(q, k, v, key_lengths=key_lengths)
-
-
-def _triton_runs(q, k, v, key_lengths=None):
-    """One trial of the kernel on copies of q, k, v: the forward, and the backward when gradients
-    will be needed, since the backward kernels compile (and can fail) separately. The trial's own
-    graph keeps its tensors plainly, out of reach of gradient checkpointing's saved-tensor hooks."""
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
-            q, k, v = (t.detach().requires_grad_(t.requires_grad) for t in (q, k, v))
-            out = _triton_attention(q, k, v, key_lengths)
-            if out.requires_grad:
-                out.sum().backward()
-        return True
-    except torch.cuda.OutOfMemoryError:  # a full GPU is not a broken kernel: the caller sees it
-        raise
-    except Exception as err:
-        masked = "" if key_lengths is None else " with key lengths"
-        warnings.warn(f"attention 'auto': the Triton kernel failed for q {tuple(q.shape)}, k/v "
-                      f"{tuple(k.shape)}{masked}, {q.dtype} ({type(err).__name__}: {err}); SDPA computes "
-                      "this shape instead", stacklevel=4)
-        return False
-
-
-def _auto_uses_triton(q, k, v, key_lengths=None):
-    """Backend "auto" uses our kernel on a GPU unless Triton cannot be imported, or the kernel
-    fails to compile or launch for this shape. Each failure warns once, naming the error, and
-    SDPA takes over that shape for the rest of the process: a kernel problem costs speed, not
-    the run. An explicit backend="triton" raises instead. With key lengths the kernel is
-    compiled apart, so it is tried apart."""
-    if not _on_gpu(q):
-        return False
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    key = (tuple(q.shape), tuple(k.shape), q.dtype, needs_grad, key_lengths is not None)
-    if key not in _triton_works:
-        if key_lengths is not None:  # a bad length is the caller's error, not a kernel failure
-            _check_key_lengths(key_lengths, q, k)
-        _triton_works[key] = _triton_imports() and _triton_runs(q, k, v, key_lengths)
-    return _triton_works[key]
-
 
 # -----------------------------------------------------------------------------
-# Embedding layers: patches, timesteps, class labels
+# Embedding layers: patches, timesteps, class labels, and the 2-D sin-cos positions
 # -----------------------------------------------------------------------------
 
 class PatchEmbed(nn.Module):
@@ -295,18 +218,40 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(labels)  # (N, D)
 
 
+def sincos_pos_embed_1d(dim, pos):
+    """(M,) positions -> (M, dim): sin of dim/2 geometric frequencies, then cos (as in MAE)."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))  # (dim/2,)
+    out = pos.double()[:, None] * omega[None]                                         # (M, dim/2)
+    return torch.cat([torch.sin(out), torch.cos(out)], dim=1)                         # (M, dim)
+
+
+def sincos_pos_embed_2d(dim, grid_size):
+    """(grid_size**2, dim): half the channels encode the column, half the row (row-major tokens)."""
+    coords = torch.arange(grid_size, dtype=torch.float64)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")    # (G, G) each
+    emb = torch.cat([sincos_pos_embed_1d(dim // 2, cols.flatten()),
+                     sincos_pos_embed_1d(dim // 2, rows.flatten())], dim=1)  # (G*G, dim)
+    return emb.float()
+
+
 # -----------------------------------------------------------------------------
-# Core DiT model: the block in the paper's four conditioning designs, and the final layer
+# The block, in the paper's four conditioning designs, and the final layer
 # -----------------------------------------------------------------------------
 
 def modulate(x, shift, scale):
-    """Adaptive LayerNorm's affine part, per sample: x is (N, T, D), shift and scale are (N, D)."""
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    """Adaptive LayerNorm's affine part, per sample: x is (N, T, D), shift and scale are (N, D)
+    (None: a design without adaLN, x unchanged)."""
+    return x if shift is None else x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def gated(x, gate):
+    """adaLN-Zero's gate on a residual branch: (N, T, D) times (N, D); None: no gate."""
+    return x if gate is None else gate.unsqueeze(1) * x
 
 
 class DiTBlock(nn.Module):
     """A pre-norm transformer block (self-attention, then an MLP), conditioned in one of the
-    paper's four ways (Sec. 3.2, Fig. 3); only the lines marked by `conditioning` differ:
+    paper's four ways (Sec. 3.2, Fig. 3):
 
     "adaln-zero": c = t + y regresses six vectors: shift and scale for each LayerNorm (which has
         no weights of its own) and a gate on each residual branch. The regression layer starts
@@ -316,16 +261,22 @@ class DiTBlock(nn.Module):
         from the image tokens to the two tokens [t; y].
     "in-context": a standard ViT block (LayerNorms with their own scale and shift); t and y
         travel through it as two extra tokens of x.
+
+    cross_attention=True adds the cross-attention sublayer to an adaLN block too: PixArt-alpha's
+    block, in which the image tokens read a caption's tokens between self-attention and the MLP
+    (TextDiT). With adaLN-Zero its output projection starts at zero, so the block still starts
+    as the identity.
     """
 
     def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, attn_backend="auto",
-                 conditioning="adaln-zero"):
+                 conditioning="adaln-zero", cross_attention=False):
         super().__init__()
         self.conditioning = conditioning
         adaptive = conditioning in ("adaln-zero", "adaln")  # c supplies the norms' scale and shift
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=not adaptive, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads, backend=attn_backend)
-        if conditioning == "cross-attn":
+        self.cross_attn = None
+        if cross_attention or conditioning == "cross-attn":
             self.cross_attn = CrossAttention(hidden_size, num_heads, backend=attn_backend)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=not adaptive, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
@@ -334,24 +285,19 @@ class DiTBlock(nn.Module):
             self.adaLN_modulation = nn.Sequential(nn.SiLU(),
                                                   nn.Linear(hidden_size, num_vectors * hidden_size))
 
-    def forward(self, x, c):
-        """x: (N, T, D) tokens, returned as (N, T, D). c: (N, D) for the adaLN variants, the
-        (N, 2, D) tokens [t; y] for cross-attention, None in-context (t and y are in x already)."""
+    def forward(self, x, c=None, context=None, context_lengths=None):
+        """x: (N, T, D) tokens, returned as (N, T, D). c: (N, D) for the adaLN designs, else None.
+        context: (N, M, D) tokens for the cross-attention ([t; y], or a caption), else None;
+        context_lengths (N,): how many of them are real (the rest is padding), or None."""
+        shift1 = scale1 = gate1 = shift2 = scale2 = gate2 = None  # "cross-attn", "in-context"
         if self.conditioning == "adaln-zero":
-            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-                self.adaLN_modulation(c).chunk(6, dim=1))                                       # 6 x (N, D)
-            x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))  # (N, T, D)
-            x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))   # (N, T, D)
+            shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)  # 6 x (N, D)
         elif self.conditioning == "adaln":
-            shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation(c).chunk(4, dim=1)  # 4 x (N, D)
-            x = x + self.attn(modulate(self.norm1(x), shift_msa, scale_msa))                     # (N, T, D)
-            x = x + self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))                      # (N, T, D)
-        else:  # "cross-attn" and "in-context": a standard ViT block
-            x = x + self.attn(self.norm1(x))                                                     # (N, T, D)
-            if self.conditioning == "cross-attn":
-                x = x + self.cross_attn(x, c)  # (N, T, D): the image tokens read [t; y]
-            x = x + self.mlp(self.norm2(x))                                                      # (N, T, D)
-        return x
+            shift1, scale1, shift2, scale2 = self.adaLN_modulation(c).chunk(4, dim=1)                # 4 x (N, D)
+        x = x + gated(self.attn(modulate(self.norm1(x), shift1, scale1)), gate1)      # (N, T, D)
+        if self.cross_attn is not None:  # the image tokens read the context
+            x = x + self.cross_attn(x, context, context_lengths)                      # (N, T, D)
+        return x + gated(self.mlp(modulate(self.norm2(x), shift2, scale2)), gate2)    # (N, T, D)
 
 
 class FinalLayer(nn.Module):
@@ -374,18 +320,34 @@ class FinalLayer(nn.Module):
         return self.linear(x)                                        # (N, T, p*p*C_out)
 
 
+def init_linear(module):
+    """Xavier-uniform weights and zero biases for every Linear: the reference's basic init."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
 class DiT(nn.Module):
     """Diffusion model with a Transformer backbone.
 
     Argument names follow the paper's code. Ours, keyword only: conditioning (one of
-    CONDITIONINGS, see DiTBlock), attn_backend (see attention()) and grad_checkpointing (keep only
-    block inputs; recompute each block in the backward pass).
+    CONDITIONINGS, see DiTBlock), attn_backend (see attention()), grad_checkpointing (keep only
+    block inputs; recompute each block in the backward pass) and cross_attention (PixArt-alpha's
+    sublayer in adaLN blocks, for a subclass whose condition has tokens: TextDiT).
+
+    y is a class label; `condition` is the one place that turns (t, y) into what the blocks see,
+    and with `null_condition`, `conditions` and `condition_keys` it is all a subclass overrides
+    to condition on something else (TextDiT: captions).
     """
+
+    conditions_on = "labels"                     # what y is
+    null_name, dropout_name = "null label", "label"
+    guide_colour = True                          # guidance's default colour scale: cfg_scale (see guided_model_fn)
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28,
                  num_heads=16, mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000,
                  learn_sigma=True, *, conditioning="adaln-zero", attn_backend="auto",
-                 grad_checkpointing=False):
+                 grad_checkpointing=False, cross_attention=False):
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not a multiple of patch_size {patch_size}")
@@ -405,23 +367,20 @@ class DiT(nn.Module):
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        # No label embedder for a subclass that conditions on something else (num_classes None).
+        self.y_embedder = None if num_classes is None else LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         num_patches = (input_size // patch_size) ** 2
         # A parameter (not a buffer) only so that the reference checkpoints load strict; it is frozen.
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
         self.blocks = nn.ModuleList([
-            DiTBlock(hidden_size, num_heads, mlp_ratio, attn_backend, conditioning) for _ in range(depth)])
+            DiTBlock(hidden_size, num_heads, mlp_ratio, attn_backend, conditioning, cross_attention)
+            for _ in range(depth)])
         adaptive = conditioning in ("adaln-zero", "adaln")
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, adaptive)
         self.initialize_weights()
 
     def initialize_weights(self):
-        def basic_init(module):
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
-        self.apply(basic_init)
-
+        self.apply(init_linear)
         grid_size = self.input_size // self.patch_size
         self.pos_embed.data.copy_(sincos_pos_embed_2d(self.pos_embed.shape[-1], grid_size)[None])
 
@@ -430,23 +389,53 @@ class DiT(nn.Module):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
 
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
 
         # adaLN-Zero: zero gates make every block the identity, and the final layer's shift and
-        # scale start at zero too. The paper (Fig. 5) finds this conditioning trains best. Plain
-        # adaLN keeps the ordinary (Xavier) initialisation of its regression layers.
+        # scale start at zero too. The paper (Fig. 5) finds this conditioning trains best. A
+        # cross-attention sublayer in such a block (PixArt-alpha) starts adding nothing, by a zero
+        # output projection. Plain adaLN keeps the ordinary (Xavier) initialisation.
         if self.conditioning == "adaln-zero":
+            zeroed = [self.final_layer.adaLN_modulation[-1]]
             for block in self.blocks:
-                nn.init.zeros_(block.adaLN_modulation[-1].weight)
-                nn.init.zeros_(block.adaLN_modulation[-1].bias)
-            nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-            nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+                zeroed += [block.adaLN_modulation[-1]] + ([block.cross_attn.proj] if block.cross_attn else [])
+            for layer in zeroed:
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
         # Every design: the output layer starts at zero, so a fresh model predicts 0 (as ADM's
         # output convolution does). It is not part of what Table 4 compares, so all four share it.
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
+
+    # --- the conditioning hook -------------------------------------------------
+
+    def condition(self, t, y):
+        """(t, y) -> (c, tokens, lengths): c (N, D), the vector that sets the adaLN designs'
+        shift, scale and gates (else None); tokens (N, M, D) that the image tokens cross-attend to
+        or, in-context, travel with (else None); lengths (N,) of those tokens, or None when all
+        count. Label dropout happens here, in training."""
+        t, y = self.t_embedder(t), self.y_embedder(y, self.training)  # (N, D) each
+        if self.conditioning in ("adaln-zero", "adaln"):
+            return t + y, None, None                                  # one vector for every LayerNorm
+        return None, torch.stack([t, y], dim=1), None                 # (N, 2, D): two tokens
+
+    def null_condition(self, y):
+        """What guidance extrapolates from, shaped like y: the null label, or None when the model
+        never learned it (trained without label dropout)."""
+        return torch.full_like(y, self.num_classes) if self.y_embedder.dropout_prob > 0 else None
+
+    def conditions(self, names):
+        """The model's y for a sample grid's rows: class names (every class, in order) -> indices (L,)."""
+        return torch.arange(len(names))
+
+    def condition_keys(self, y):
+        """One plain value per condition of y, for seeding each sample's x_T (see draw)."""
+        return y.tolist()
+
+    # --- the forward pass --------------------------------------------------------
 
     def unpatchify(self, x):
         """(N, T, p*p*C) -> (N, C, H, W); the inverse of PatchEmbed's token order."""
@@ -459,44 +448,17 @@ class DiT(nn.Module):
     def forward(self, x, t, y):
         """x: (N, C, H, W) noisy images or latents, t: (N,) timesteps, y: (N,) class labels."""
         x = self.x_embedder(x) + self.pos_embed                       # (N, T, D), T = H * W / p ** 2
-        t, y = self.t_embedder(t), self.y_embedder(y, self.training)  # (N, D) each
-        # How t and y reach the blocks: the one place, besides DiTBlock, where the designs differ.
-        c = None
+        T = x.shape[1]
+        c, tokens, lengths = self.condition(t, y)
         if self.conditioning == "in-context":  # two more tokens, like ViT's class token
-            x = torch.cat([x, t[:, None], y[:, None]], dim=1)         # (N, T + 2, D)
-        elif self.conditioning == "cross-attn":  # a length-two sequence to attend to
-            c = torch.stack([t, y], dim=1)                            # (N, 2, D)
-        else:  # adaLN-Zero, adaLN: one vector that sets every LayerNorm's shift and scale
-            c = t + y                                                 # (N, D)
+            x, tokens = torch.cat([x, tokens], dim=1), None           # (N, T + 2, D)
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, c, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, c, tokens, lengths, use_reentrant=False)
             else:
-                x = block(x, c)                                       # (N, T, D) or (N, T + 2, D)
-        if self.conditioning == "in-context":
-            x = x[:, :-2]                                             # (N, T, D): t and y tokens dropped
-        x = self.final_layer(x, c)                                    # (N, T, p * p * C_out)
+                x = block(x, c, tokens, lengths)                      # (N, T, D) or (N, T + 2, D)
+        x = self.final_layer(x[:, :T], c)                             # (N, T, p * p * C_out): in-context tokens dropped
         return self.unpatchify(x)                                     # (N, C_out, H, W)
-
-
-# -----------------------------------------------------------------------------
-# 2-D sine-cosine positional embedding (as in MAE), in torch
-# -----------------------------------------------------------------------------
-
-def sincos_pos_embed_1d(dim, pos):
-    """(M,) positions -> (M, dim): sin of dim/2 geometric frequencies, then cos."""
-    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))  # (dim/2,)
-    out = pos.double()[:, None] * omega[None]                                         # (M, dim/2)
-    return torch.cat([torch.sin(out), torch.cos(out)], dim=1)                         # (M, dim)
-
-
-def sincos_pos_embed_2d(dim, grid_size):
-    """(grid_size**2, dim): half the channels encode the column, half the row (row-major tokens)."""
-    coords = torch.arange(grid_size, dtype=torch.float64)
-    rows, cols = torch.meshgrid(coords, coords, indexing="ij")    # (G, G) each
-    emb = torch.cat([sincos_pos_embed_1d(dim // 2, cols.flatten()),
-                     sincos_pos_embed_1d(dim // 2, rows.flatten())], dim=1)  # (G*G, dim)
-    return emb.float()
 
 
 # -----------------------------------------------------------------------------
@@ -521,13 +483,12 @@ def forward_gmacs(model):
     """Forward cost of one image in billions of multiply-accumulates, counted as the paper counts
     its "Gflops" (Tables 1 and 4, one multiply-add being one flop): every matrix product, plus one
     per LayerNorm element. That last term, 2 T D per block, is what lifts the pure matmul count to
-    the printed figures (DiT-XL/2: 118.62 -> 118.64). Cheap at any size on the meta device.
-    Attention runs as "math" while counting: the counter cannot see inside a fused kernel."""
+    the printed figures. Cheap at any size on the meta device. Attention runs as "math" while
+    counting: the counter cannot see inside a fused kernel."""
     p = model.pos_embed
     x = torch.zeros(1, model.in_channels, model.input_size, model.input_size, device=p.device, dtype=p.dtype)
-    t = y = torch.zeros(1, dtype=torch.long, device=p.device)
-    if isinstance(model, TextDiT):  # counted with a short caption, 10 bytes (on the host: see CaptionEncoder)
-        y = tokenize(["a red star"])
+    t = torch.zeros(1, dtype=torch.long, device=p.device)
+    y = model.conditions(["a red star"])  # on the host: class 0, or a short caption (see CaptionEncoder)
     norm_elements = []
     hooks = [m.register_forward_hook(lambda m, inputs, out: norm_elements.append(out.numel()))
              for m in model.modules() if isinstance(m, nn.LayerNorm)]
@@ -547,297 +508,6 @@ def forward_gmacs(model):
 
 
 # -----------------------------------------------------------------------------
-# Text to image: captions as bytes, a caption encoder trained alongside, PixArt-alpha's block
-#
-# The DiT authors' answer to "how do I condition on text?": pool the encoded text into adaLN, and
-# let the image tokens cross-attend to the text tokens. PixArt-alpha (Chen et al. 2023, Sec. 2.3)
-# does that: adaLN-Zero from the timestep, and a cross-attention sublayer between self-attention
-# and the MLP whose output projection starts at zero. We add the caption's pooled vector to the
-# timestep's embedding, as SD3 and Hunyuan-DiT do. No pretrained text encoder: a small one is
-# trained with the DiT from the caption's bytes, as GLIDE trained its own (Nichol et al. 2022).
-#
-# The encoder reads each word on its own and hands the DiT a bag of words: "orange" is one and the
-# same key in "an orange star" as in "something orange". That is what lets the model draw a colour
-# and a shape it never saw together (README, Text to image: an encoder whose words see each other
-# drew the held-out pairs with one of their two words right, a bag with both). The pooled vector
-# follows suit: the mean of the words' vectors, each through the pooling MLP, not the MLP of their mean.
-# -----------------------------------------------------------------------------
-
-# The tokenizer is UTF-8 itself: bytes 0..255 are their own tokens, so any caption in any language
-# has a spelling and there is no vocabulary to store or to miss a word. Two more tokens: BOS opens
-# every caption, so that even the empty caption (guidance's null condition) has one key to attend
-# to, since a row whose keys are all masked is a softmax over nothing, 0 / 0 = NaN; PAD fills the
-# shorter captions of a batch, and marks their lengths.
-CAPTION_BOS, CAPTION_PAD = 256, 257
-CAPTION_VOCAB = 258
-MAX_CAPTION_BYTES = 64
-WHITESPACE = (9, 10, 13, 32)  # tab, line feed, carriage return, space: what separates words
-
-
-def tokenize(captions, max_bytes=MAX_CAPTION_BYTES):
-    """Captions (a list of str) -> tokens (N, L) int64: BOS, the caption's UTF-8 bytes, then PAD
-    up to L = 1 + the longest caption's length in bytes. The empty caption is [BOS].
-    Raises ValueError for a caption of more than max_bytes bytes."""
-    if isinstance(captions, str):
-        raise TypeError("tokenize takes a list of captions, not one string")
-    encoded = []
-    for caption in captions:
-        shown = caption if len(caption) <= 40 else caption[:37] + "..."
-        try:
-            data = caption.encode("utf-8")
-        except UnicodeEncodeError:  # a lone surrogate, e.g. from a command line in another encoding
-            raise ValueError(f"caption {shown!r} is not valid Unicode text") from None
-        if len(data) > max_bytes:
-            raise ValueError(f"caption {shown!r} is {len(data)} bytes in UTF-8, over the limit of {max_bytes}")
-        encoded.append(data)
-    tokens = empty_captions(len(encoded), 1 + max(map(len, encoded), default=0), "cpu")  # (N, L) on the host
-    for row, data in enumerate(encoded):
-        tokens[row, 1:1 + len(data)] = torch.tensor(list(data), dtype=torch.long, device="cpu")
-    return tokens
-
-
-def empty_captions(n, length=1, device=None):
-    """n empty captions ([BOS], then PAD up to length): the null condition."""
-    tokens = torch.full((n, length), CAPTION_PAD, dtype=torch.long, device=device)  # (n, length)
-    tokens[:, 0] = CAPTION_BOS
-    return tokens
-
-
-def caption_lengths(tokens):
-    """(N, L) tokens -> (N,) lengths, BOS included: how many keys each caption offers."""
-    return (tokens != CAPTION_PAD).sum(dim=1)
-
-
-def decode_captions(tokens):
-    """(N, L) tokens -> the N captions as text (for grids and logs)."""
-    return [bytes(b for b in row.tolist() if b < 256).decode("utf-8", errors="replace") for row in tokens]
-
-
-class CaptionEncoderLayer(nn.Module):
-    """A pre-norm Transformer encoder layer: self-attention among the caption's tokens, then an
-    MLP. Keys past a caption's length are masked, so its features do not depend on its batch."""
-
-    def __init__(self, dim, num_heads, mlp_ratio=4.0, attn_backend="auto"):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads, backend=attn_backend)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-
-    def forward(self, x, lengths):
-        x = x + self.attn(self.norm1(x), lengths)  # (N, L, D)
-        return x + self.mlp(self.norm2(x))         # (N, L, D)
-
-
-def spell_words(tokens):
-    """(N, L) tokens -> (N, W, B) the same bytes regrouped one word per row, and (N,) each
-    caption's word count. Words are split at spaces (which go); BOS is a word of its own, so the
-    empty caption has one. PAD fills each row after its word's bytes and the rows past a
-    caption's last word. W is the most words of a caption, B the longest word's bytes."""
-    N, L = tokens.shape
-    space = torch.isin(tokens, torch.tensor(WHITESPACE, device=tokens.device))    # (N, L)
-    in_word = ~space & (tokens != CAPTION_PAD)                                     # (N, L)
-    before = F.pad(space | (tokens == CAPTION_BOS), (1, 0), value=True)[:, :-1]    # (N, L) after a gap
-    starts = in_word & before                                                      # (N, L) a word begins
-    word = starts.long().cumsum(dim=1) - 1                                         # (N, L) its word's index
-    where = torch.arange(L, device=tokens.device).expand(N, L)                     # (N, L)
-    first = torch.where(starts, where, 0).cummax(dim=1).values                     # (N, L) its word's start
-    offset = where - first                                                          # (N, L) place in the word
-    words = starts.sum(dim=1)                                                      # (N,)
-    W, B = int(words.max()), int(offset[in_word].max()) + 1
-    grid = torch.full((N, W, B), CAPTION_PAD, dtype=tokens.dtype, device=tokens.device)  # (N, W, B)
-    row = torch.arange(N, device=tokens.device)[:, None].expand(N, L)
-    grid[row[in_word], word[in_word], offset[in_word]] = tokens[in_word]
-    return grid, words
-
-
-class CaptionEncoder(nn.Module):
-    """Tokens -> one feature per word, the word counts, and a pooled vector.
-
-    `spell_depth` layers read each word's bytes (embeddings plus sin-cos positions within the
-    word), seeing no other word, once per distinct word of the batch; their mean over the bytes
-    is the word's feature. `depth` more layers then let the words see each other and their order
-    (0, the default: a bag of words, in which no word's feature depends on its neighbours). A
-    final LayerNorm. The pooled vector goes through an MLP, as the timestep's embedding does, and
-    `pool` says in which order: "mlp_then_mean" (the default) averages each word's MLP output, so
-    a caption's vector is the mean of its words' vectors and an unseen pair ("a purple ring") is
-    made of two known parts; "mean_then_mlp" (text runs before it) sends the words' mean through
-    the MLP, a new point for a new pair. Same parameters; on the built-in shapes the first drew
-    the held-out pairs' shapes >= 90% right in 9 runs of 9, the second in 7 of 12 (README)."""
-
-    POOLS = ("mlp_then_mean", "mean_then_mlp")
-
-    def __init__(self, hidden_size, depth, num_heads, mlp_ratio=4.0, max_bytes=MAX_CAPTION_BYTES,
-                 attn_backend="auto", spell_depth=1, pool="mlp_then_mean"):
-        super().__init__()
-        if pool not in self.POOLS:
-            raise ValueError(f"unknown caption pool {pool!r}; choose from {self.POOLS}")
-        self.max_bytes, self.pool_order = max_bytes, pool
-        self.token_embedder = nn.Embedding(CAPTION_VOCAB, hidden_size)
-        positions = sincos_pos_embed_1d(hidden_size, torch.arange(max_bytes + 1)).float()  # (max_bytes + 1, D)
-        self.register_buffer("pos_embed", positions, persistent=False)  # rebuilt, not stored
-        self.spell = nn.ModuleList([CaptionEncoderLayer(hidden_size, num_heads, mlp_ratio, attn_backend)
-                                    for _ in range(spell_depth)])
-        self.layers = nn.ModuleList([CaptionEncoderLayer(hidden_size, num_heads, mlp_ratio, attn_backend)
-                                     for _ in range(depth)])
-        self.norm = nn.LayerNorm(hidden_size, eps=1e-6)
-        self.pool = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.SiLU(),
-                                  nn.Linear(hidden_size, hidden_size))
-
-    def forward(self, tokens):
-        """tokens (N, L) from tokenize() -> features (N, W, D), word counts (N,), pooled (N, D)."""
-        if tokens.shape[1] > self.max_bytes + 1:
-            raise ValueError(f"captions of {tokens.shape[1] - 1} bytes, over this model's limit of {self.max_bytes}")
-        # How many words, how long, and which are the same: shapes that depend on the bytes, so
-        # worked out on the host (a GPU waits once per step for a few hundred bytes; the meta
-        # device, which has no bytes, can count the cost of a model given host tokens). A word's
-        # feature depends on its bytes alone, and a batch repeats a few words ("a", "red", ...)
-        # many times: each distinct word is spelled once (U rows, not N * W) and copied to its
-        # places, the same numbers at a fraction of the cost. The copies are index_select's: its
-        # backward on the CPU adds them up in a fixed order (x[place]'s in parallel, in any order,
-        # so two runs with one seed parted).
-        device = self.token_embedder.weight.device
-        grid, words = spell_words(tokens.cpu())                              # (N, W, B), (N,)
-        N, W, B = grid.shape
-        distinct, place = torch.unique(grid.view(N * W, B), dim=0, return_inverse=True)  # (U, B), (N * W,)
-        distinct, place, words = distinct.to(device), place.to(device), words.to(device)
-        letters = caption_lengths(distinct).clamp(min=1)                     # (U,) a row past the last word: 1 PAD
-        x = self.token_embedder(distinct) + self.pos_embed[:B]               # (U, B, D)
-        for layer in self.spell:
-            x = layer(x, letters)                                            # (U, B, D)
-        inside = torch.arange(B, device=device) < letters[:, None]            # (U, B)
-        x = torch.where(inside[..., None], x, 0).sum(dim=1) / letters[:, None]  # (U, D)
-        x = x.index_select(0, place).view(N, W, -1)                          # (N, W, D)
-        if self.layers:  # words that see each other see their order too; a bag has none
-            x = x + self.pos_embed[:W]                                       # (N, W, D)
-        for layer in self.layers:
-            x = layer(x, words)                                              # (N, W, D)
-        x = self.norm(x)                                                     # (N, W, D)
-        inside = (torch.arange(W, device=device) < words[:, None])[..., None]   # (N, W, 1)
-        count = words[:, None]                                                 # (N, 1)
-        if self.pool_order == "mlp_then_mean":
-            return x, words, torch.where(inside, self.pool(x), 0).sum(dim=1) / count  # (N, D)
-        return x, words, self.pool(torch.where(inside, x, 0).sum(dim=1) / count)      # (N, D)
-
-
-class TextDiTBlock(DiTBlock):
-    """PixArt-alpha's block: the adaLN-Zero block, with cross-attention from the image tokens to
-    the caption's tokens between self-attention and the MLP. As in PixArt-alpha the cross-attention
-    has no norm and no gate; its output projection starts at zero (TextDiT.initialize_weights), so
-    at initialisation it adds exactly nothing and the block is the plain adaLN-Zero block."""
-
-    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, attn_backend="auto"):
-        super().__init__(hidden_size, num_heads, mlp_ratio, attn_backend, conditioning="adaln-zero")
-        self.cross_attn = CrossAttention(hidden_size, num_heads, backend=attn_backend)
-
-    def forward(self, x, c, text, lengths):
-        """x: (N, T, D), c: (N, D) timestep plus pooled caption, text: (N, L, D) the caption's
-        tokens, lengths: (N,) how many of them are real (the rest is padding)."""
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-            self.adaLN_modulation(c).chunk(6, dim=1))                                           # 6 x (N, D)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))  # (N, T, D)
-        x = x + self.cross_attn(x, text, lengths)                                               # (N, T, D)
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))   # (N, T, D)
-        return x
-
-
-class TextDiT(nn.Module):
-    """A DiT conditioned on captions (PixArt-alpha's design, with our own small caption encoder).
-
-    forward(x, t, captions) takes the captions as the (N, L) token tensor of tokenize(), not as
-    strings: a tensor goes wherever class labels go (a DataLoader batch, .to(device), torch.cat
-    for guidance, GaussianDiffusion.training_losses), and text becomes tokens once per image in
-    the data set rather than in every step. The lengths need no tensor of their own: PAD marks them.
-
-    Arguments as DiT's, plus: caption_dropout_prob (in training, the chance that a caption is
-    replaced by the empty one, so that the network learns the null condition guidance needs),
-    spell_depth (the encoder's layers within a word), text_depth (its layers across words; 0: a
-    bag of words; its width and heads are the DiT's), max_caption_bytes and caption_pool
-    (CaptionEncoder's pool: the order of its MLP and its mean over the words).
-    All plain values, so that a checkpoint's model_args rebuild the model.
-    """
-
-    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28,
-                 num_heads=16, mlp_ratio=4.0, caption_dropout_prob=0.1, learn_sigma=True, *,
-                 text_depth=0, spell_depth=1, max_caption_bytes=MAX_CAPTION_BYTES, caption_pool="mlp_then_mean",
-                 attn_backend="auto", grad_checkpointing=False):
-        super().__init__()
-        if input_size % patch_size:
-            raise ValueError(f"input_size {input_size} is not a multiple of patch_size {patch_size}")
-        if attn_backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"unknown attention backend {attn_backend!r}; choose from {ATTENTION_BACKENDS}")
-        if not 0 <= caption_dropout_prob <= 1:
-            raise ValueError(f"caption_dropout_prob must be in [0, 1], got {caption_dropout_prob}")
-        self.input_size = input_size
-        self.patch_size = patch_size
-        self.in_channels = in_channels
-        self.out_channels = 2 * in_channels if learn_sigma else in_channels
-        self.num_heads = num_heads
-        self.learn_sigma = learn_sigma
-        self.caption_dropout_prob = caption_dropout_prob
-        self.max_caption_bytes = max_caption_bytes
-        self.grad_checkpointing = grad_checkpointing
-
-        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
-        self.caption_encoder = CaptionEncoder(hidden_size, text_depth, num_heads, mlp_ratio,
-                                              max_caption_bytes, attn_backend, spell_depth, caption_pool)
-        grid_size = input_size // patch_size
-        self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, grid_size)[None],
-                             persistent=False)  # (1, T, D), fixed: rebuilt, not stored
-        self.blocks = nn.ModuleList([TextDiTBlock(hidden_size, num_heads, mlp_ratio, attn_backend)
-                                     for _ in range(depth)])
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
-        self.initialize_weights()
-
-    def initialize_weights(self):
-        """DiT's adaLN-Zero initialisation, and PixArt-alpha's zero output projection of every
-        cross-attention: a fresh model is the identity in every block and predicts 0, as DiT does."""
-        def basic_init(module):
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
-        self.apply(basic_init)
-        w = self.x_embedder.proj.weight.data
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
-        nn.init.normal_(self.caption_encoder.token_embedder.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for layer in [*(b.adaLN_modulation[-1] for b in self.blocks), *(b.cross_attn.proj for b in self.blocks),
-                      self.final_layer.adaLN_modulation[-1], self.final_layer.linear]:
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
-
-    unpatchify = DiT.unpatchify  # the same token order as the class-conditional model
-
-    def forward(self, x, t, captions):
-        """x: (N, C, H, W) noisy images, t: (N,) timesteps, captions: (N, L) tokens from tokenize()."""
-        if self.training and self.caption_dropout_prob > 0:
-            # Caption dropout: the empty caption in place of some, so the network also learns the
-            # unconditional model that classifier-free guidance extrapolates from.
-            drop = torch.rand(captions.shape[0], device=captions.device) < self.caption_dropout_prob  # (N,)
-            empty = empty_captions(1, captions.shape[1], captions.device)                          # (1, L)
-            captions = torch.where(drop[:, None], empty, captions)                                  # (N, L)
-        x = self.x_embedder(x) + self.pos_embed                  # (N, T, D), T = H * W / p ** 2
-        text, lengths, pooled = self.caption_encoder(captions)   # (N, L, D), (N,), (N, D)
-        c = self.t_embedder(t) + pooled                          # (N, D)
-        for block in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, c, text, lengths, use_reentrant=False)
-            else:
-                x = block(x, c, text, lengths)                   # (N, T, D)
-        x = self.final_layer(x, c)                               # (N, T, p * p * C_out)
-        return self.unpatchify(x)                                # (N, C_out, H, W)
-
-
-# Every size of DiT_configs, named "TextDiT-Ti/8" and so on; the encoder adds spell_depth layers
-# (one by default: a word is a few bytes) and text_depth layers (none by default) of the DiT's width.
-TextDiT_models = {f"Text{name}": functools.partial(TextDiT, depth=d, hidden_size=h, num_heads=n, patch_size=p)
-                  for name, (d, h, n, p) in DiT_configs.items()}
-
-
-# -----------------------------------------------------------------------------
 # Gaussian diffusion: the forward process, the training loss, and two samplers
 #
 # Two recipes run on this code. The paper's (DiT Sec. 3.1, after ADM): predict eps, linear betas,
@@ -846,6 +516,34 @@ TextDiT_models = {f"Text{name}": functools.partial(TextDiT, depth=d, hidden_size
 # betas shifted for 32 px, min-SNR weighting, fixed sigma, which learns crisp 32 px images in
 # minutes on a CPU.
 # -----------------------------------------------------------------------------
+
+class DiffusionProcess:
+    """What the trainer and the samplers ask of a noise process; GaussianDiffusion (the DDPM
+    chain) and RectifiedFlow (a straight path) answer it.
+
+    name: what a message calls it. num_timesteps: the network's time scale (t as the network sees it is in [0, num_timesteps)).
+    samplers: the names denoise_steps takes, the first the default; default_steps likewise.
+    draw_timesteps(n, device) -> (n,) training times; training_losses(model, x0, t, y, noise)
+    -> {"loss", "mse", ...} each (N,); denoise_steps(model_fn, noise, steps, sampler, eta,
+    clip_denoised, generator) yields (t, x_t, x0_pred) after each reverse step.
+    """
+
+    name = "diffusion"
+    num_timesteps = 1000
+    samplers = ()
+    default_steps = 50
+
+    def check_sampler(self, sampler, eta=0.0):
+        """A one-line ValueError for a sampler this process does not have (or noise it cannot add)."""
+        if sampler not in self.samplers:
+            raise ValueError(f"unknown sampler {sampler!r}; choose {' or '.join(map(repr, self.samplers))}")
+
+    def sample(self, model_fn, noise, steps=None, sampler=None, eta=0.0, clip_denoised=True, generator=None):
+        """The final x_0 of denoise_steps(), with the same arguments."""
+        for _, x, _ in self.denoise_steps(model_fn, noise, steps, sampler, eta, clip_denoised, generator):
+            pass
+        return x
+
 
 def make_betas(schedule, num_timesteps, noise_shift=1.0):
     """beta_t for t = 0 .. T-1: DDPM's linear 1e-4..0.02 (scaled for T != 1000), or the cosine
@@ -910,7 +608,7 @@ def discretized_gaussian_log_likelihood(x, mean, log_scale):
                        torch.where(x > 0.999, log_one_minus_cdf_minus, log_probs))
 
 
-class GaussianDiffusion:
+class GaussianDiffusion(DiffusionProcess):
     """The DDPM forward process q(x_t | x_0) and what is needed to learn and run its reverse.
 
     Notation as in the papers: alpha_t = 1 - beta_t, abar_t = prod_{s<=t} alpha_s.
@@ -930,7 +628,8 @@ class GaussianDiffusion:
         some small-DiT projects prefer); the variational term (learn_sigma) is the same either way.
     """
 
-    samplers = ("ddim", "ddpm")  # the first is the default
+    name = "DDPM"
+    samplers = ("ddim", "ddpm")
 
     def __init__(self, num_timesteps=1000, schedule="linear", prediction="eps",
                  learn_sigma=True, loss_weighting="uniform", min_snr_gamma=5.0, noise_shift=1.0, loss="l2"):
@@ -940,7 +639,7 @@ class GaussianDiffusion:
             raise ValueError(f"unknown loss weighting {loss_weighting!r}; choose 'uniform', 'min_snr' or "
                              f"'min_snr_floor'")
         self.loss = distance(loss)
-        self.num_timesteps = num_timesteps
+        self.num_timesteps = self.default_steps = num_timesteps  # sampling: every step unless asked
         self.prediction = prediction
         self.learn_sigma = learn_sigma
         self.loss_weighting = loss_weighting
@@ -1066,19 +765,19 @@ class GaussianDiffusion:
             raise ValueError(f"steps must be in [1, {self.num_timesteps}], got {steps}")
         return torch.linspace(self.num_timesteps - 1, 0, steps).round().long().tolist()
 
-    def denoise_steps(self, model_fn, noise, steps=None, sampler="ddim", eta=0.0,
-                      clip_denoised=True, generator=None):
+    def denoise_steps(self, model_fn, noise, steps=None, sampler=None, eta=0.0, clip_denoised=True,
+                      generator=None):
         """Run the reverse process from x_T = noise, yielding (t, x_t, x0_pred) after each step.
 
         model_fn(x, t) returns the network's output for x at integer timesteps t (guidance, if
         any, is inside model_fn). sampler "ddpm": ancestral sampling with the posterior variance
-        (or the learned one); "ddim": Song et al. 2021 Eq. 12, deterministic at eta = 0.
-        The last yield holds the sample. Respaced: fewer steps reuse the trained network at a
-        subset of its timesteps.
+        (or the learned one); "ddim" (the default): Song et al. 2021 Eq. 12, deterministic at
+        eta = 0. generator: the per-step noise's. The last yield holds the sample. Respaced:
+        fewer steps reuse the trained network at a subset of its timesteps.
         """
-        if sampler not in self.samplers:
-            raise ValueError(f"unknown sampler {sampler!r}; choose 'ddpm' or 'ddim'")
-        timesteps = self.sample_timesteps(steps or self.num_timesteps)
+        sampler = sampler or self.samplers[0]
+        self.check_sampler(sampler, eta)
+        timesteps = self.sample_timesteps(steps or self.default_steps)
         x = noise
         for i, t in enumerate(timesteps):
             t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
@@ -1103,12 +802,6 @@ class GaussianDiffusion:
                 x = abar_prev.sqrt() * x0 + (1 - abar_prev - sigma ** 2).clamp(min=0).sqrt() * eps + sigma * z
             yield t, x, x0
 
-    def sample(self, model_fn, noise, **kwargs):
-        """The final x_0 of denoise_steps(); same arguments."""
-        for _, x, _ in self.denoise_steps(model_fn, noise, **kwargs):
-            pass
-        return x
-
 
 # -----------------------------------------------------------------------------
 # Flow matching: the same DiT, a straight path from data to noise
@@ -1116,14 +809,13 @@ class GaussianDiffusion:
 # Rectified flow (Liu et al. 2022; Lipman et al. 2022) replaces the DDPM chain by the straight line
 # x_t = (1 - t) x_0 + t eps, t in [0, 1], whose velocity dx_t/dt = eps - x_0 the network learns to
 # predict; sampling integrates dx/dt = v(x, t) from t = 1 (noise) to 0 with Euler or Heun steps.
-# SiT (Ma et al. 2024) trains the DiT backbone this way (ImageNet 256 FID 2.27 -> 2.06), and SD3
-# (Esser et al. 2024) found logit-normal t the best of the samplings it compared. The network sees
-# t * 1000, the DDPM's timestep scale, so embeddings and the guidance interval read alike.
+# SiT (Ma et al. 2024) trains the DiT backbone this way, and SD3 (Esser et al. 2024) found
+# logit-normal t the best of the samplings it compared. The network sees t * 1000, the DDPM's
+# timestep scale, so embeddings and the guidance interval read alike.
 # -----------------------------------------------------------------------------
 
-class RectifiedFlow:
-    """The flow-matching counterpart of GaussianDiffusion, with the same methods the trainer and
-    the samplers call (draw_timesteps, training_losses, denoise_steps, sample).
+class RectifiedFlow(DiffusionProcess):
+    """The flow-matching counterpart of GaussianDiffusion, behind the same interface.
 
     prediction: "v", the velocity eps - x_0 (SiT, SD3), or "x0", the clean image, turned into the
         velocity (x_t - x_0) / t for the loss and the sampler (Li & He 2025: with 8 x 8 pixel
@@ -1132,20 +824,20 @@ class RectifiedFlow:
         t -> s t / (1 + (s - 1) t) (SD3 Eq. 23), applied to training and sampling times alike.
     """
 
-    num_timesteps = 1000  # the network's time scale; sampling may use any number of steps
+    name = "flow matching"
     learn_sigma = False
-    samplers = ("euler", "heun")  # the first is the default
+    samplers = ("euler", "heun")
+    # x0-prediction divides by t: below this the velocity error of a small x_0 error explodes
+    # (JiT clips t the same way), so the loss and the sampler treat smaller t as this.
+    min_t = 0.05
 
-    def __init__(self, prediction="v", noise_shift=1.0, loss="l2", min_t=0.05):
+    def __init__(self, prediction="v", noise_shift=1.0, loss="l2"):
         self.loss = distance(loss)
         if prediction not in ("v", "x0"):
             raise ValueError(f"flow matching predicts 'v' or 'x0', not {prediction!r}")
         if not noise_shift > 0:
             raise ValueError(f"noise_shift must be > 0, got {noise_shift}")
         self.prediction, self.noise_shift = prediction, noise_shift
-        # x0-prediction divides by t: below min_t the velocity error of a small x_0 error explodes
-        # (JiT clips t the same way), so the loss and sampler treat t < min_t as min_t.
-        self.min_t = min_t
 
     def shift(self, t):
         s = self.noise_shift
@@ -1175,13 +867,20 @@ class RectifiedFlow:
         """steps + 1 times from 1 (noise) down to 0, evenly spaced before the shift."""
         return self.shift(torch.linspace(1, 0, steps + 1, dtype=torch.float64)).tolist()
 
-    def denoise_steps(self, model_fn, noise, steps=50, sampler="euler", clip_denoised=True, **unused):
+    def check_sampler(self, sampler, eta=0.0):
+        super().check_sampler(sampler, eta)
+        if eta != 0:
+            raise ValueError(f"eta {eta:g}: flow matching's samplers integrate an ODE and add no noise; use eta 0")
+
+    def denoise_steps(self, model_fn, noise, steps=None, sampler=None, eta=0.0, clip_denoised=True,
+                      generator=None):
         """Integrate dx/dt = v from t = 1 to 0, yielding (t, x_t, x0_pred) after each step.
-        "euler": one network call per step; "heun": two (a trapezoid of the velocities at both
-        ends; the last step, to t = 0 where x0-prediction is undefined, stays Euler, as in EDM).
-        clip_denoised clamps the implied x_0 = x_t - t v to [-1, 1]."""
-        if sampler not in self.samplers:
-            raise ValueError(f"unknown flow sampler {sampler!r}; choose 'euler' or 'heun'")
+        "euler" (the default): one network call per step; "heun": two (a trapezoid of the
+        velocities at both ends; the last step, to t = 0 where x0-prediction is undefined, stays
+        Euler, as in EDM). clip_denoised clamps the implied x_0 = x_t - t v to [-1, 1]. No step
+        draws noise: eta must be 0 and the generator goes unused."""
+        sampler = sampler or self.samplers[0]
+        self.check_sampler(sampler, eta)
 
         def velocity(x, t):
             t_batch = torch.full((x.shape[0],), t, device=x.device)
@@ -1192,7 +891,7 @@ class RectifiedFlow:
                 v = (x - x0) / t
             return v, x0
 
-        times = self.sample_times(steps or 50)
+        times = self.sample_times(steps or self.default_steps)
         x = noise
         for t, t_next in zip(times[:-1], times[1:]):
             v, x0 = velocity(x, t)
@@ -1202,11 +901,6 @@ class RectifiedFlow:
                 x_next = x + (t_next - t) * (v + v_next) / 2
             x = x_next
             yield t, x, x0
-
-    def sample(self, model_fn, noise, **kwargs):
-        for _, x, _ in self.denoise_steps(model_fn, noise, **kwargs):
-            pass
-        return x
 
 
 def make_diffusion(objective="ddpm", **args):
@@ -1221,49 +915,41 @@ def make_diffusion(objective="ddpm", **args):
 
 
 # -----------------------------------------------------------------------------
-# Classifier-free guidance (Ho & Salimans 2022; DiT Sec. 3.1)
+# Classifier-free guidance (Ho & Salimans 2022; DiT Sec. 3.1) and drawing images
 # -----------------------------------------------------------------------------
 
 def guided_model_fn(model, y, cfg_scale, interval=(0, math.inf), colour_scale=None):
-    """model_fn(x, t) for the samplers: the network's output for class y (N,), with classifier-free
-    guidance unless both scales are 1; for a TextDiT, y is captions (N, L) from tokenize(). Guidance
-    extrapolates from the null condition's prediction towards the class's (or caption's):
-    pred = pred(x, null) + s * (pred(x, y) - pred(x, null)); the null condition is the null label,
-    or the empty caption, which label or caption dropout taught the network. The mixed channels are
-    the prediction channels, eps, v or x0; for a shared x_t, v and x0 are affine in eps, so
-    mixing any of them is the same guidance. The variance channels (learn_sigma) are the
-    conditional ones. The sampler keeps N images; x is doubled only inside the call, so one
-    forward pass serves both labels.
+    """model_fn(x, t) for the samplers: the network's output for the conditions y, with
+    classifier-free guidance unless both scales are 1. Guidance extrapolates from the null
+    condition's prediction (model.null_condition: the null label, or the empty caption, which
+    dropout in training taught the network) towards the condition's:
+    pred = pred(x, null) + s * (pred(x, y) - pred(x, null)). Only the prediction channels are
+    mixed (eps, v or x0: for a shared x_t each is affine in the others, so mixing any of them is
+    the same guidance); the variance channels (learn_sigma) stay the conditional ones. x is
+    doubled only inside the call, so one forward pass serves both conditions.
 
-    interval (lo, hi): guide only at timesteps lo <= t < hi; elsewhere the class's own prediction,
-    one pass for one label, half the work (Kynkaanniemi et al. 2024). At high noise, where colour
-    and layout are chosen, guidance pulls every sample towards the class's commonest look; at low
-    noise it changes little. Guiding in the middle keeps the fidelity and the spread.
+    interval (lo, hi): guide only at timesteps lo <= t < hi, elsewhere the condition's own
+    prediction in one pass (Kynkaanniemi et al. 2024): at high noise, where colour and layout are
+    chosen, guidance pulls every sample towards the commonest look; at low noise it changes little.
 
-    colour_scale: the scale for colour alone. A pixel's mean over the RGB channels is its grey
-    level and the rest is its colour; guidance's change is split so, the grey part scaled by
-    cfg_scale and the colour part by colour_scale. Why: a caption without a colour ("a star") gets
-    a conditional that leans slightly towards the palette's mean (orange), and guidance at 3
-    triples the lean; the shape lives in the grey image, so guiding grey alone keeps the shapes
-    crisp while colour keeps the conditional's own spread (README, "Guidance that leaves colour
-    alone"). None: 1 for a TextDiT, for that reason; cfg_scale (plain guidance) for a class DiT,
-    whose guidance interval already keeps the data's colours. For pixel-space RGB models, as here;
-    in a latent space the channel mean is not grey.
+    colour_scale: guidance's scale for colour alone. A pixel's mean over the RGB channels is its
+    grey level and the rest is its colour; the grey part of guidance's change is scaled by
+    cfg_scale, the colour part by colour_scale. A caption without a colour gets a conditional that
+    leans towards the palette's mean, and guidance multiplies the lean; shapes live in the grey
+    image, so guiding grey alone keeps them crisp while colour keeps its spread. None: cfg_scale
+    if model.guide_colour (a class DiT, whose interval already keeps the data's colours), else 1
+    (a text model). For pixel-space RGB models: in a latent space the channel mean is not grey.
 
     Raises ValueError if guidance is asked of a model without a null condition."""
     if colour_scale is None:
-        colour_scale = 1.0 if isinstance(model, TextDiT) else cfg_scale
+        colour_scale = cfg_scale if model.guide_colour else 1.0
     if cfg_scale == 1 and colour_scale == 1:
         return lambda x, t: model(x, t, y)
-    if isinstance(model, TextDiT):
-        null, dropout, what = empty_captions(*y.shape, y.device), model.caption_dropout_prob, "caption"
-    else:
-        null, dropout, what = torch.full_like(y, model.num_classes), model.y_embedder.dropout_prob, "label"
-    if dropout == 0:
-        null_name = "empty caption" if what == "caption" else "null label"
-        raise ValueError(f"guidance (cfg scale {cfg_scale}) needs the {null_name} of a model trained with "
-                         f"{what} dropout, and this one was trained without: use a cfg scale of 1")
-    both_labels = torch.cat([y, null])  # (2N,) or (2N, L): [y; null]
+    null = model.null_condition(y)
+    if null is None:
+        raise ValueError(f"guidance (cfg scale {cfg_scale}) needs the {model.null_name} of a model trained with "
+                         f"{model.dropout_name} dropout, and this one was trained without: use a cfg scale of 1")
+    both = torch.cat([y, null])  # (2N,) or (2N, L): [y; null]
     C = model.in_channels
     lo, hi = interval
 
@@ -1271,7 +957,7 @@ def guided_model_fn(model, y, cfg_scale, interval=(0, math.inf), colour_scale=No
         inside = (t >= lo) & (t < hi)                                    # (N,)
         if not inside.any():
             return model(x, t, y)
-        out = model(torch.cat([x, x]), torch.cat([t, t]), both_labels)   # (2N, C_out, H, W)
+        out = model(torch.cat([x, x]), torch.cat([t, t]), both)          # (2N, C_out, H, W)
         cond, uncond = out.chunk(2)                                      # (N, C_out, H, W) each
         delta = cond[:, :C] - uncond[:, :C]                              # (N, C, H, W)
         if colour_scale == cfg_scale:
@@ -1283,10 +969,6 @@ def guided_model_fn(model, y, cfg_scale, interval=(0, math.inf), colour_scale=No
         return torch.cat([pred, cond[:, C:]], dim=1)                     # (N, C_out, H, W)
     return model_fn
 
-
-# -----------------------------------------------------------------------------
-# Drawing images: one path for train.py's sample grids and sample.py, x_T seeded per image
-# -----------------------------------------------------------------------------
 
 def seed_for(seed, *key):
     """A 64-bit seed of its own for each (seed, purpose, ...), with no overlaps between them."""
@@ -1307,19 +989,333 @@ def to_unit(x):
 
 
 @torch.no_grad()
-def draw(model, diffusion, y, j, seed, steps, cfg_scale, sampler="auto", eta=0.0, interval=(0, math.inf),
+def draw(model, diffusion, y, j, seed, steps, cfg_scale, sampler=None, eta=0.0, interval=(0, math.inf),
          colour_scale=None):
-    """Denoise sample j[i] of class y[i] (or caption y[i], tokens) for every i, with guidance:
-    yields x_t after each of the `steps` reverse steps, (N, C, H, W), the last one the sample.
-    DDPM's per-step noise (or DDIM's at eta > 0) comes from one generator per batch, keyed by its
-    first image, so there an image also depends on the batch it is drawn in; DDIM at eta 0 uses none."""
+    """Denoise sample j[i] of condition y[i] (a class, or a caption's tokens) for every i, with
+    guidance: yields x_t after each of the `steps` reverse steps, (N, C, H, W), the last one the
+    sample. DDPM's per-step noise (or DDIM's at eta > 0) comes from one generator per batch, keyed
+    by its first image, so there an image also depends on the batch it is drawn in; DDIM at eta 0
+    and the flow samplers use none. sampler None or "auto": the process's default."""
     shape = (model.in_channels, model.input_size, model.input_size)
-    # A caption is keyed by its tokens without the padding, which depends on the batch's longest.
-    keys = [row[:n] for row, n in zip(y.tolist(), caption_lengths(y).tolist())] if y.ndim == 2 else y.tolist()
+    keys = model.condition_keys(y)
     noise = torch.stack([initial_noise(seed, c, k, shape) for c, k in zip(keys, j)]).to(y.device)  # x_T
     gen = torch.Generator(y.device).manual_seed(seed_for(seed, "steps", keys[0], j[0]))
     model_fn = guided_model_fn(model, y, cfg_scale, interval, colour_scale)
-    sampler = diffusion.samplers[0] if sampler == "auto" else sampler
-    for _, x, _ in diffusion.denoise_steps(model_fn, noise, steps=steps, sampler=sampler, eta=eta,
-                                           generator=gen):
+    sampler = None if sampler == "auto" else sampler
+    for _, x, _ in diffusion.denoise_steps(model_fn, noise, steps, sampler, eta, generator=gen):
         yield x
+
+
+# -----------------------------------------------------------------------------
+# Text to image: captions as bytes, a caption encoder trained alongside, PixArt-alpha's block
+#
+# The DiT authors' answer to "how do I condition on text?": pool the encoded text into adaLN, and
+# let the image tokens cross-attend to the text tokens. PixArt-alpha (Chen et al. 2023, Sec. 2.3)
+# does that: adaLN-Zero from the timestep, and a cross-attention sublayer between self-attention
+# and the MLP whose output projection starts at zero (DiTBlock's cross_attention). We add the
+# caption's pooled vector to the timestep's embedding, as SD3 and Hunyuan-DiT do. No pretrained
+# text encoder: a small one is trained with the DiT from the caption's bytes, as GLIDE trained its
+# own (Nichol et al. 2022). TextDiT is a DiT whose `condition` reads a caption instead of a label.
+#
+# The encoder reads each word on its own and hands the DiT a bag of words: "orange" is one and the
+# same key in "an orange star" as in "something orange". That is what lets the model draw a colour
+# and a shape it never saw together (an encoder whose words see each other drew the held-out pairs
+# with one of their two words right, a bag with both: assets/text.md). The pooled vector follows
+# suit: the mean of the words' vectors, each through the pooling MLP, not the MLP of their mean.
+# -----------------------------------------------------------------------------
+
+# The tokenizer is UTF-8 itself: bytes 0..255 are their own tokens, so any caption in any language
+# has a spelling and there is no vocabulary to store or to miss a word. Two more tokens: BOS opens
+# every caption, so that even the empty caption (guidance's null condition) has one key to attend
+# to, since a row whose keys are all masked is a softmax over nothing, 0 / 0 = NaN; PAD fills the
+# shorter captions of a batch, and marks their lengths.
+CAPTION_BOS, CAPTION_PAD = 256, 257
+CAPTION_VOCAB = 258
+MAX_CAPTION_BYTES = 64
+WHITESPACE = (9, 10, 13, 32)  # tab, line feed, carriage return, space: what separates words
+
+
+def tokenize(captions, max_bytes=MAX_CAPTION_BYTES):
+    """Captions (a list of str) -> tokens (N, L) int64: BOS, the caption's UTF-8 bytes, then PAD
+    up to L = 1 + the longest caption's length in bytes. The empty caption is [BOS].
+    Raises ValueError for a caption of more than max_bytes bytes."""
+    if isinstance(captions, str):
+        raise TypeError("tokenize takes a list of captions, not one string")
+    encoded = []
+    for caption in captions:
+        shown = caption if len(caption) <= 40 else caption[:37] + "..."
+        try:
+            data = caption.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate, e.g. from a command line in another encoding
+            raise ValueError(f"caption {shown!r} is not valid Unicode text") from None
+        if len(data) > max_bytes:
+            raise ValueError(f"caption {shown!r} is {len(data)} bytes in UTF-8, over the limit of {max_bytes}")
+        encoded.append(data)
+    tokens = empty_captions(len(encoded), 1 + max(map(len, encoded), default=0), "cpu")  # (N, L) on the host
+    for row, data in enumerate(encoded):
+        tokens[row, 1:1 + len(data)] = torch.tensor(list(data), dtype=torch.long, device="cpu")
+    return tokens
+
+
+def empty_captions(n, length=1, device=None):
+    """n empty captions ([BOS], then PAD up to length): the null condition."""
+    tokens = torch.full((n, length), CAPTION_PAD, dtype=torch.long, device=device)  # (n, length)
+    tokens[:, 0] = CAPTION_BOS
+    return tokens
+
+
+def caption_lengths(tokens):
+    """(N, L) tokens -> (N,) lengths, BOS included: how many keys each caption offers."""
+    return (tokens != CAPTION_PAD).sum(dim=1)
+
+
+class CaptionEncoderLayer(nn.Module):
+    """A pre-norm Transformer encoder layer: self-attention among the caption's tokens, then an
+    MLP. Keys past a caption's length are masked, so its features do not depend on its batch."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, attn_backend="auto"):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, backend=attn_backend)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x, lengths):
+        x = x + self.attn(self.norm1(x), lengths)  # (N, L, D)
+        return x + self.mlp(self.norm2(x))         # (N, L, D)
+
+
+def spell_words(tokens):
+    """(N, L) tokens -> (N, W, B) the same bytes regrouped one word per row, and (N,) each
+    caption's word count. Words are split at spaces (which go); BOS is a word of its own, so the
+    empty caption has one. PAD fills each row after its word's bytes and the rows past a
+    caption's last word. W is the most words of a caption, B the longest word's bytes."""
+    N, L = tokens.shape
+    space = torch.isin(tokens, torch.tensor(WHITESPACE, device=tokens.device))    # (N, L)
+    in_word = ~space & (tokens != CAPTION_PAD)                                     # (N, L)
+    before = F.pad(space | (tokens == CAPTION_BOS), (1, 0), value=True)[:, :-1]    # (N, L) after a gap
+    starts = in_word & before                                                      # (N, L) a word begins
+    word = starts.long().cumsum(dim=1) - 1                                         # (N, L) its word's index
+    where = torch.arange(L, device=tokens.device).expand(N, L)                     # (N, L)
+    first = torch.where(starts, where, 0).cummax(dim=1).values                     # (N, L) its word's start
+    offset = where - first                                                          # (N, L) place in the word
+    words = starts.sum(dim=1)                                                      # (N,)
+    W, B = int(words.max()), int(offset[in_word].max()) + 1
+    grid = torch.full((N, W, B), CAPTION_PAD, dtype=tokens.dtype, device=tokens.device)  # (N, W, B)
+    row = torch.arange(N, device=tokens.device)[:, None].expand(N, L)
+    grid[row[in_word], word[in_word], offset[in_word]] = tokens[in_word]
+    return grid, words
+
+
+
+class CaptionEncoder(nn.Module):
+    """Tokens -> one feature per word, the word counts, and a pooled vector.
+
+    One layer reads each word's bytes (embeddings plus sin-cos positions within the word), seeing
+    no other word, once per distinct word of the batch; its mean over the bytes is the word's
+    feature. `depth` more layers then let the words see each other and their order (0, the
+    default: a bag of words, in which no word's feature depends on its neighbours). A final
+    LayerNorm. The pooled vector goes through an MLP, as the timestep's embedding does, and `pool`
+    says in which order: "mlp_then_mean" (the default) averages each word's MLP output, so a
+    caption's vector is the mean of its words' vectors and an unseen pair ("a purple ring") is
+    made of two known parts; "mean_then_mlp" (older text runs) sends the words' mean through the
+    MLP, a new point for a new pair. Same parameters either way."""
+
+    POOLS = ("mlp_then_mean", "mean_then_mlp")
+
+    def __init__(self, hidden_size, depth, num_heads, mlp_ratio=4.0, max_bytes=MAX_CAPTION_BYTES,
+                 attn_backend="auto", pool="mlp_then_mean"):
+        super().__init__()
+        if pool not in self.POOLS:
+            raise ValueError(f"unknown caption pool {pool!r}; choose from {self.POOLS}")
+        self.max_bytes, self.pool_order = max_bytes, pool
+        self.token_embedder = nn.Embedding(CAPTION_VOCAB, hidden_size)
+        positions = sincos_pos_embed_1d(hidden_size, torch.arange(max_bytes + 1)).float()  # (max_bytes + 1, D)
+        self.register_buffer("pos_embed", positions, persistent=False)  # rebuilt, not stored
+        self.spell = CaptionEncoderLayer(hidden_size, num_heads, mlp_ratio, attn_backend)
+        self.layers = nn.ModuleList([CaptionEncoderLayer(hidden_size, num_heads, mlp_ratio, attn_backend)
+                                     for _ in range(depth)])
+        self.norm = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.pool = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.SiLU(),
+                                  nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, tokens):
+        """tokens (N, L) from tokenize() -> features (N, W, D), word counts (N,), pooled (N, D)."""
+        if tokens.shape[1] > self.max_bytes + 1:
+            raise ValueError(f"captions of {tokens.shape[1] - 1} bytes, over this model's limit of {self.max_bytes}")
+        # How many words, how long, and which are the same: shapes that depend on the bytes, so
+        # worked out on the host (a GPU waits once per step for a few hundred bytes; the meta
+        # device, which has no bytes, can count the cost of a model given host tokens). The
+        # lengths are made here, right by construction, and reach the attention on the device
+        # unread. A word's feature depends on its bytes alone, and a batch repeats a few words
+        # ("a", "red", ...) many times: each distinct word is spelled once (U rows, not N * W) and
+        # copied to its places, the same numbers at a fraction of the cost. The copies are
+        # index_select's: its backward on the CPU adds them up in a fixed order (x[place]'s in
+        # parallel, in any order, so two runs with one seed parted).
+        device = self.token_embedder.weight.device
+        grid, words = spell_words(tokens.cpu())                              # (N, W, B), (N,)
+        N, W, B = grid.shape
+        distinct, place = torch.unique(grid.view(N * W, B), dim=0, return_inverse=True)  # (U, B), (N * W,)
+        letters = caption_lengths(distinct).clamp(min=1)                     # (U,) a row past the last word: 1 PAD
+        distinct, place, words, letters = (v.to(device) for v in (distinct, place, words, letters))
+        x = self.token_embedder(distinct) + self.pos_embed[:B]               # (U, B, D)
+        x = self.spell(x, letters)                                           # (U, B, D)
+        inside = torch.arange(B, device=device) < letters[:, None]            # (U, B)
+        x = torch.where(inside[..., None], x, 0).sum(dim=1) / letters[:, None]  # (U, D)
+        x = x.index_select(0, place).view(N, W, -1)                          # (N, W, D)
+        if self.layers:  # words that see each other see their order too; a bag has none
+            x = x + self.pos_embed[:W]                                       # (N, W, D)
+        for layer in self.layers:
+            x = layer(x, words)                                              # (N, W, D)
+        x = self.norm(x)                                                     # (N, W, D)
+        inside = (torch.arange(W, device=device) < words[:, None])[..., None]   # (N, W, 1)
+        count = words[:, None]                                                 # (N, 1)
+        if self.pool_order == "mlp_then_mean":
+            return x, words, torch.where(inside, self.pool(x), 0).sum(dim=1) / count  # (N, D)
+        return x, words, self.pool(torch.where(inside, x, 0).sum(dim=1) / count)      # (N, D)
+
+
+class TextDiT(DiT):
+    """A DiT conditioned on captions (PixArt-alpha's design, with our own small caption encoder):
+    adaLN-Zero blocks with cross-attention to the caption's word features, and c = t + the pooled
+    caption. It overrides DiT's conditioning hook and nothing of the forward pass.
+
+    forward(x, t, captions) takes the captions as the (N, L) token tensor of tokenize(), not as
+    strings: a tensor goes wherever class labels go (a DataLoader batch, .to(device), torch.cat
+    for guidance, GaussianDiffusion.training_losses), and text becomes tokens once per image in
+    the data set rather than in every step. The lengths need no tensor of their own: PAD marks them.
+
+    Arguments as DiT's, plus: caption_dropout_prob (in training, the chance that a caption is
+    replaced by the empty one, so that the network learns the null condition guidance needs),
+    text_depth (the encoder's layers across words; 0: a bag of words; its width and heads are the
+    DiT's), max_caption_bytes and caption_pool (CaptionEncoder's pool: the order of its MLP and
+    its mean over the words). All plain values, so that a checkpoint's model_args rebuild the model.
+    """
+
+    conditions_on = "captions"
+    null_name, dropout_name = "empty caption", "caption"
+    guide_colour = False
+
+    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28,
+                 num_heads=16, mlp_ratio=4.0, caption_dropout_prob=0.1, learn_sigma=True, *,
+                 text_depth=0, max_caption_bytes=MAX_CAPTION_BYTES, caption_pool="mlp_then_mean",
+                 attn_backend="auto", grad_checkpointing=False):
+        if not 0 <= caption_dropout_prob <= 1:
+            raise ValueError(f"caption_dropout_prob must be in [0, 1], got {caption_dropout_prob}")
+        super().__init__(input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio,
+                         num_classes=None, learn_sigma=learn_sigma, attn_backend=attn_backend,
+                         grad_checkpointing=grad_checkpointing, cross_attention=True)
+        self.caption_dropout_prob = caption_dropout_prob
+        self.max_caption_bytes = max_caption_bytes
+        self.caption_encoder = CaptionEncoder(hidden_size, text_depth, num_heads, mlp_ratio,
+                                              max_caption_bytes, attn_backend, caption_pool)
+        self.caption_encoder.apply(init_linear)  # initialised as the DiT's own layers
+        nn.init.normal_(self.caption_encoder.token_embedder.weight, std=0.02)
+
+    def condition(self, t, captions):
+        """(t, captions (N, L) tokens) -> c = t + the pooled caption (N, D), the caption's word
+        features (N, W, D) for the cross-attention, and their counts (N,). Caption dropout here."""
+        if self.training and self.caption_dropout_prob > 0:
+            # Caption dropout: the empty caption in place of some, so the network also learns the
+            # unconditional model that classifier-free guidance extrapolates from.
+            drop = torch.rand(captions.shape[0], device=captions.device) < self.caption_dropout_prob  # (N,)
+            empty = empty_captions(1, captions.shape[1], captions.device)                          # (1, L)
+            captions = torch.where(drop[:, None], empty, captions)                                  # (N, L)
+        text, words, pooled = self.caption_encoder(captions)   # (N, W, D), (N,), (N, D)
+        return self.t_embedder(t) + pooled, text, words
+
+    def null_condition(self, captions):
+        """The empty caption for each, shaped like captions; None if never learned (no dropout)."""
+        return empty_captions(*captions.shape, captions.device) if self.caption_dropout_prob > 0 else None
+
+    def conditions(self, names):
+        """Captions (the grid's prompts) -> tokens (L, T), on the host."""
+        return tokenize(names, self.max_caption_bytes)
+
+    def condition_keys(self, captions):
+        """A caption's key is its tokens without the padding, which depends on the batch's longest."""
+        return [row[:n] for row, n in zip(captions.tolist(), caption_lengths(captions).tolist())]
+
+
+# Every size of DiT_configs, named "TextDiT-Ti/8" and so on; the encoder adds one layer of the
+# DiT's width within words and text_depth layers (none by default) across them.
+TextDiT_models = {f"Text{name}": functools.partial(TextDiT, depth=d, hidden_size=h, num_heads=n, patch_size=p)
+                  for name, (d, h, n, p) in DiT_configs.items()}
+MODELS = {**DiT_models, **TextDiT_models}  # every preset, by name: what train.py's --model takes
+
+
+# =============================================================================
+# Appendix: attention backend "auto", our Triton kernel on a GPU, tried once per shape, else SDPA
+# =============================================================================
+
+def _flash_attention():
+    """Our FlashAttention kernel (flash_attn_triton.py), imported on first use: Triton is optional."""
+    try:
+        from flash_attn_triton import flash_attention
+    except Exception as err:  # ImportError, or a Triton that fails while initialising
+        raise RuntimeError(f"the Triton kernel cannot be imported ({type(err).__name__}: {err})") from err
+    return flash_attention
+
+
+def _triton_attention(q, k, v, key_lengths=None):
+    """Our kernel, handed key lengths only when there are some (plain calls stay flash_attention(q, k, v))."""
+    if key_lengths is None:
+        return _flash_attention()(q, k, v)
+    return _flash_attention()(q, k, v, key_lengths=key_lengths)
+
+
+# Where "auto" tries the kernel: the device types Triton compiles for here.
+AUTO_TRITON_DEVICES = ("cuda",)
+
+# What "auto" learned about the Triton kernel in this process: {(q shape, k shape, dtype, grad,
+# key lengths): whether it ran}. Module-level, like Triton's own compile cache: it describes this
+# machine's Triton and GPU, not any one model.
+_triton_works = {}
+
+
+@functools.cache  # tried, and warned about, once per process
+def _triton_imports():
+    try:
+        _flash_attention()
+        return True
+    except RuntimeError as err:
+        warnings.warn(f"attention 'auto': {err}; SDPA computes every shape instead", stacklevel=4)
+        return False
+
+
+def _triton_runs(q, k, v, key_lengths=None):
+    """One trial of the kernel on copies of q, k, v: the forward, and the backward when gradients
+    will be needed, since the backward kernels compile (and can fail) separately. The trial's own
+    graph keeps its tensors plainly, out of reach of gradient checkpointing's saved-tensor hooks."""
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            q, k, v = (t.detach().requires_grad_(t.requires_grad) for t in (q, k, v))
+            out = _triton_attention(q, k, v, key_lengths)
+            if out.requires_grad:
+                out.sum().backward()
+        return True
+    except torch.cuda.OutOfMemoryError:  # a full GPU is not a broken kernel: the caller sees it
+        raise
+    except Exception as err:
+        masked = "" if key_lengths is None else " with key lengths"
+        warnings.warn(f"attention 'auto': the Triton kernel failed for q {tuple(q.shape)}, k/v "
+                      f"{tuple(k.shape)}{masked}, {q.dtype} ({type(err).__name__}: {err}); SDPA computes "
+                      "this shape instead", stacklevel=4)
+        return False
+
+
+def _auto_uses_triton(q, k, v, key_lengths=None):
+    """Backend "auto" uses our kernel on a GPU unless Triton cannot be imported, or the kernel
+    fails to compile or launch for this shape. Each failure warns once, naming the error, and
+    SDPA takes over that shape for the rest of the process: a kernel problem costs speed, not
+    the run. An explicit backend="triton" raises instead. With key lengths the kernel is
+    compiled apart, so it is tried apart."""
+    if q.device.type not in AUTO_TRITON_DEVICES:
+        return False
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    key = (tuple(q.shape), tuple(k.shape), q.dtype, needs_grad, key_lengths is not None)
+    if key not in _triton_works:
+        if key_lengths is not None:  # a bad length is the caller's error, not a kernel failure
+            check_key_lengths(key_lengths, q, k)
+        _triton_works[key] = _triton_imports() and _triton_runs(q, k, v, key_lengths)
+    return _triton_works[key]

@@ -127,6 +127,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dit import check_key_lengths  # the one check of per-sample key lengths (dit.py is torch only)
+
 __all__ = ["flash_attention"]
 
 MAX_HEAD_DIM = 128  # larger heads would need a smaller tile plan to fit in shared memory
@@ -609,32 +611,6 @@ def _flash_attn_backward(do, q, k, v, o, lse, sm_scale, key_lengths=None):
 # ---------------------------------------------------------------------------------------
 
 
-_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
-
-
-def _checked_key_lengths(key_lengths, q, k):
-    """key_lengths as the kernels read it (contiguous int32 (B,)), after checking it up front:
-    a wrong length would not fail in the kernel, it would silently read or drop keys."""
-    B, N_kv = q.shape[0], k.shape[2]
-    if not isinstance(key_lengths, torch.Tensor) or key_lengths.dtype not in _INTEGER_DTYPES:
-        what = key_lengths.dtype if isinstance(key_lengths, torch.Tensor) else type(key_lengths).__name__
-        raise ValueError(f"key_lengths must be an integer tensor, not {what}")
-    if key_lengths.shape != (B,):
-        raise ValueError(f"key_lengths must have shape (B,) = ({B},), one length per sample; "
-                         f"got {tuple(key_lengths.shape)}")
-    if key_lengths.device != q.device:
-        raise ValueError(f"key_lengths must be on q's device {q.device}, not {key_lengths.device}")
-    if B > 0:
-        # One device-to-host copy (a sync on a GPU): the price of an error here rather than
-        # a silent one in the kernel.
-        shortest, longest = torch.stack(torch.aminmax(key_lengths)).tolist()
-        if shortest < 1 or longest > N_kv:
-            raise ValueError(f"key_lengths must be in [1, N_kv] = [1, {N_kv}]; got values in "
-                             f"[{shortest}, {longest}] (a length of 0 masks every key: that "
-                             "softmax row is 0 / 0 = NaN)")
-    return key_lengths.to(torch.int32).contiguous()
-
-
 class FlashAttentionFunction(torch.autograd.Function):
     """Saves q, k, v, o and the (B, H, N_q) logsumexp: O(N_q) extra memory instead of O(N_q N_kv)."""
 
@@ -668,8 +644,10 @@ def flash_attention(q, k, v, scale=None, key_lengths=None):
         scale: softmax scale; defaults to D ** -0.5.
         key_lengths: None (every query attends to all N_kv keys), or an integer tensor (B,)
             on q's device: every query of sample b attends to its keys 0 .. key_lengths[b] - 1
-            only (padded captions). Each length in [1, N_kv]. Keys past a length are never
-            read, so their values do not matter, and their gradients are exactly zero.
+            only (padded captions). Each length in [1, N_kv], checked where the lengths are on
+            the host (on a GPU, reading them would make every call wait for the device). Keys
+            past a length are never read, so their values do not matter, and their gradients
+            are exactly zero.
 
     Returns:
         (B, H, N_q, D) tensor in q's dtype. Differentiable with respect to q, k and v.
@@ -695,6 +673,9 @@ def flash_attention(q, k, v, scale=None, key_lengths=None):
         raise RuntimeError("flash_attention needs CUDA tensors (or TRITON_INTERPRET=1 set before "
                            "importing this module, to run the kernels on the CPU interpreter)")
     if key_lengths is not None:
-        key_lengths = _checked_key_lengths(key_lengths, q, k)  # (B,) int32
+        # A wrong length would not fail in the kernel, it would silently read or drop keys: the
+        # model file's one check, which reads the values where they live on the host.
+        check_key_lengths(key_lengths, q, k)
+        key_lengths = key_lengths.to(torch.int32).contiguous()  # (B,) as the kernels read it
     sm_scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     return FlashAttentionFunction.apply(q, k, v, sm_scale, key_lengths)

@@ -58,14 +58,14 @@ def resolve_labels(labels, classes):
 def resolve_conditions(cfg, model, classes):
     """What to draw, one grid row each: class indices (L,) and their names, or for a text run
     (trained with --preset text) the prompts as tokens (L, T) and the prompts themselves."""
-    if isinstance(model, dit.TextDiT):
+    if model.conditions_on == "captions":
         if cfg.label is not None:
             raise ConfigError('--label is for class runs; this run was trained on captions: use --prompt "a blue heart"')
         if not cfg.prompt:
             raise ConfigError('this run was trained on captions: say what to draw, e.g. --prompt "a blue heart" '
                               '"a yellow moon"')
         try:
-            return dit.tokenize(cfg.prompt, model.max_caption_bytes), cfg.prompt
+            return model.conditions(cfg.prompt), cfg.prompt
         except ValueError as err:
             raise ConfigError(f"--prompt: {err}") from None
     if cfg.prompt is not None:
@@ -128,9 +128,12 @@ def main(argv=None):
         if cfg.sampler == "auto":
             cfg = dataclasses.replace(cfg, sampler=diffusion.samplers[0])
         if cfg.sampler not in diffusion.samplers:
-            kind = "flow matching" if isinstance(diffusion, dit.RectifiedFlow) else "DDPM"
-            raise ConfigError(f"--sampler {cfg.sampler} does not fit this {kind} run: choose "
+            raise ConfigError(f"--sampler {cfg.sampler} does not fit this {diffusion.name} run: choose "
                               f"{' or '.join(diffusion.samplers)}")
+        try:  # the process owns the rule: whether its samplers take DDIM's eta
+            diffusion.check_sampler(cfg.sampler, cfg.eta)
+        except ValueError as err:
+            raise ConfigError(f"--eta: {err}") from None
         if cfg.cfg_scale != 1 or cfg.cfg_colour_scale not in (None, 1):
             try:  # dit owns the rule (guidance needs a null label); asked here, before any sampling
                 dit.guided_model_fn(model, y[:1], cfg.cfg_scale, colour_scale=cfg.cfg_colour_scale)

@@ -21,7 +21,6 @@ runs safe (the run directory's lock, checkpoint files, processes), the benchmark
 import copy
 import csv
 import dataclasses
-import fcntl
 import importlib.util
 import json
 import math
@@ -49,6 +48,31 @@ BUILTIN_DATA = "data/shapes"
 
 
 # -----------------------------------------------------------------------------
+# How a run ends early: an error of one line (main() prints it, no traceback), or a signal
+# -----------------------------------------------------------------------------
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+class Diverged(RuntimeError):
+    """The loss or the gradient's norm became NaN or infinite: the run stops before anything
+    non-finite is saved."""
+
+
+class Stopped(Exception):
+    """SIGINT or SIGTERM stopped the run after it saved a checkpoint."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+# Wrong flags or data, a bad checkpoint, divergence, and OSError (a full disk while writing the logs).
+FAILURES = (ConfigError, DatasetError, CheckpointError, Diverged, OSError)
+
+
+# -----------------------------------------------------------------------------
 # A run in four stages: set up, resume, loop, finish
 # -----------------------------------------------------------------------------
 
@@ -62,7 +86,7 @@ def train(cfg):
         with ExitStack() as run_dir:  # --out, held by rank 0 for the whole run; a refusal stops every rank
             on_rank0(proc, lambda: run_dir.enter_context(claimed(cfg.out)))
             state = build_state(cfg, dataset.classes, proc)
-            state.prompts = grid_prompts(dataset) if is_text(cfg) else None
+            state.prompts = grid_prompts(dataset) if dataset.classes is None else None
             resume(cfg, state, proc)
             if state.step >= cfg.steps:
                 return already_finished(cfg, state, proc)
@@ -113,7 +137,6 @@ def make_train_step(cfg, state, proc):
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         state.opt.step()
         return loss, mse, grad_norm
-    train_step.net = net  # the network as trained (compiled, DDP-wrapped): tests hook its all-reduce
     return train_step
 
 
@@ -270,10 +293,9 @@ def check_flags(cfg, proc):
     if cfg.objective == "flow" and (cfg.learn_sigma or cfg.prediction == "eps"):
         raise ConfigError(f"--objective flow predicts v or x0 with no learned variance; drop "
                           f"{'--learn-sigma' if cfg.learn_sigma else '--prediction eps'} (or use --objective ddpm)")
-    presets = {**dit.DiT_models, **dit.TextDiT_models}
-    if cfg.model not in presets:
-        raise ConfigError(f"--model {cfg.model!r} is not a preset; choose from {', '.join(presets)}")
-    patch = presets[cfg.model].keywords["patch_size"]
+    if cfg.model not in dit.MODELS:
+        raise ConfigError(f"--model {cfg.model!r} is not a preset; choose from {', '.join(dit.MODELS)}")
+    patch = dit.MODELS[cfg.model].keywords["patch_size"]
     if cfg.image_size % patch:
         raise ConfigError(f"--image-size {cfg.image_size} is not a multiple of {cfg.model}'s patch size {patch}")
     if cfg.attn == "triton" and importlib.util.find_spec("triton") is None:
@@ -283,22 +305,18 @@ def check_flags(cfg, proc):
                           "TRITON_INTERPRET=1 (slow), or use --attn sdpa")
 
 
+# The data set each kind of model learns from (what the model's y is: DiT.conditions_on): class
+# folders, or the captions of metadata.jsonl, without the built-in set's held-out (colour, shape)
+# pairs, so that its samples of them test composition.
+DATASETS = {"labels": ImageFolder, "captions": CaptionFolder}
+
+
 def load_data(cfg, proc):
-    """Class folders, or for a text model (TextDiT-*) the captions of metadata.jsonl: the built-in
-    set's held-out (colour, shape) pairs are left out, so its samples of them test composition."""
     if not cfg.data:
         on_rank0(proc, prepare_builtin_data, BUILTIN_DATA)  # the other ranks wait for it
-    if is_text(cfg):
-        dataset = CaptionFolder(cfg.data or BUILTIN_DATA, cfg.image_size, split="train")
-        dataset.classes = None
-    else:
-        dataset = ImageFolder(cfg.data or BUILTIN_DATA, cfg.image_size)
+    dataset = DATASETS[dit.MODELS[cfg.model].func.conditions_on](cfg.data or BUILTIN_DATA, cfg.image_size)
     check_batch_size(dataset, cfg.batch_size)
     return dataset
-
-
-def is_text(cfg):
-    return cfg.model in dit.TextDiT_models
 
 
 def grid_prompts(dataset):
@@ -348,7 +366,7 @@ def build_state(cfg, classes, proc):
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model_args = {arg: getattr(cfg, key) for key, arg in MODEL_ARGS.items()}
     model_args.update(in_channels=3, num_classes=len(classes or ()))
-    if is_text(cfg):  # captions instead of labels: the dropout is the empty caption's
+    if dit.MODELS[cfg.model].func.conditions_on == "captions":  # no labels: the dropout is the empty caption's
         del model_args["num_classes"], model_args["conditioning"]
         model_args["caption_dropout_prob"] = model_args.pop("class_dropout_prob")
         model_args["caption_pool"] = "mlp_then_mean"  # stored: older text runs pooled the other way
@@ -357,7 +375,7 @@ def build_state(cfg, classes, proc):
     model.to(proc.device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     # Fused: one kernel for every parameter, on a GPU and on a CPU alike (on a CPU the default
-    # loops over the tensors: 13 ms of a ~150 ms text step on this VM, fused 3 ms; README).
+    # loops over the tensors, one small kernel each).
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay, fused=True)
     flip_gen = torch.Generator().manual_seed(cfg.seed + 1_000_003 * proc.rank)
@@ -369,8 +387,7 @@ def build_state(cfg, classes, proc):
 def build_model(model_args, **options):
     """Rebuild a DiT from the arguments a checkpoint stores (options: attn_backend, grad_checkpointing)."""
     args = dict(model_args)
-    name = args.pop("name")
-    return (dit.TextDiT_models if name in dit.TextDiT_models else dit.DiT_models)[name](**args, **options)
+    return dit.MODELS[args.pop("name")](**args, **options)
 
 
 def load_weights(model, weights):
@@ -398,8 +415,7 @@ def resume(cfg, state, proc):
     if not checkpoint_files(cfg.out):
         return
     saved = load_checkpoint(cfg.out)
-    saved_cfg = {"conditioning": "adaln-zero", "noise_shift": 1.0, "objective": "ddpm",  # older runs lack these
-                 **saved["config"]}
+    saved_cfg = saved["config"]
     for key in dict.fromkeys((*MODEL_ARGS, *DIFFUSION_ARGS)):  # what defines the model may not change
         if getattr(cfg, key) != saved_cfg.get(key):
             raise ConfigError(f"{cfg.out} holds a run trained with {flag(key)} {saved_cfg.get(key)}, but this run "
@@ -414,7 +430,7 @@ def resume(cfg, state, proc):
     load_weights(state.ema, saved["ema"])
     state.opt.load_state_dict(saved["opt"])
     state.step, state.wall_before = saved["step"], saved["wall_time"]
-    rng = saved["rng"] if isinstance(saved["rng"], list) else [saved["rng"]]  # older files: rank 0's
+    rng = saved["rng"]
     if len(rng) == proc.world:
         torch.set_rng_state(rng[proc.rank]["cpu"])
         state.flip_gen.set_state(rng[proc.rank]["flip"])
@@ -553,10 +569,9 @@ class RunLog:
 
 
 def grid_condition(model, names, device):
-    """The sample grid's rows as the model takes them, 8 samples each: class indices, or for a text
-    model its prompts as tokens. (8 L,) or (8 L, tokens)."""
-    y = dit.tokenize(names, model.max_caption_bytes) if isinstance(model, dit.TextDiT) else torch.arange(len(names))
-    return y.repeat_interleave(8, 0).to(device)
+    """The sample grid's rows as the model takes them, 8 samples each: (8 L,) class indices, or
+    (8 L, T) a text model's prompts as tokens."""
+    return model.conditions(names).repeat_interleave(8, 0).to(device)
 
 
 def write_graph(writer, model, names):
@@ -665,6 +680,7 @@ def locked(path, busy=None):
     """An exclusive flock() on `path`, which holds the owner's pid. The kernel drops the lock when
     its process dies, however it dies, so a killed run never blocks a restart. busy(pid) makes the
     error when the lock is taken; without it, wait for the lock."""
+    import fcntl  # POSIX only, and only here: sample.py imports this file on any platform
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
@@ -757,9 +773,26 @@ def read_checkpoint(path):
     missing = [k for k in CHECKPOINT_KEYS if k not in state] if isinstance(state, dict) else ["a dict"]
     if missing:
         raise CheckpointError(f"{path} is not a checkpoint of this project (it lacks {', '.join(missing)})")
+    return upgrade_checkpoint(state)
+
+
+def upgrade_checkpoint(state):
+    """Every rule for checkpoints that older versions of this repo wrote, in one place: what they
+    lack is filled in as those versions meant it, so the rest of the code knows one layout."""
+    state["config"] = {"conditioning": "adaln-zero", "noise_shift": 1.0, "objective": "ddpm",  # before these
+                       **state["config"]}                                                    # flags existed
+    if not isinstance(state["rng"], list):  # saved before DDP runs kept every rank's streams: rank 0's
+        state["rng"] = [state["rng"]]
     args = state["model_args"]
-    if isinstance(args, dict) and args.get("name") in dit.TextDiT_models:  # text runs saved before the
-        args.setdefault("caption_pool", "mean_then_mlp")                    # choice pooled this way
+    if isinstance(args, dict) and args.get("name") in dit.TextDiT_models:
+        args.setdefault("caption_pool", "mean_then_mlp")  # text runs before the choice pooled this way
+        for weights in (state["model"], state["ema"]):
+            for name in [n for n in weights if n.startswith("caption_encoder.spell.0.")]:  # a list of one layer
+                weights[name.replace(".spell.0.", ".spell.")] = weights.pop(name)
+            if "pos_embed" not in weights and "x_embedder.proj.weight" in weights:  # a buffer, not stored
+                width, _, patch, _ = weights["x_embedder.proj.weight"].shape
+                grid = args["input_size"] // patch
+                weights["pos_embed"] = dit.sincos_pos_embed_2d(width, grid)[None]
     return state
 
 
@@ -844,7 +877,11 @@ def distributed(device_name):
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:  # NCCL only moves device tensors; the host-side messages go over gloo
-        yield Process(rank, world, device, dist.new_group(backend="gloo") if device.type == "cuda" else None)
+        proc = Process(rank, world, device, dist.new_group(backend="gloo") if device.type == "cuda" else None)
+        yield proc
+        # Every rank tears down together: a rank that destroys its group while rank 0 still writes
+        # the final grid can abort in gloo's teardown ("terminate called without an active exception").
+        dist.barrier(group=proc.group)
     finally:
         dist.destroy_process_group()
 
@@ -900,9 +937,9 @@ def benchmark(cfg, proc):
     device, batch, s = proc.device, cfg.batch_size // proc.world, cfg.image_size
     state = build_state(cfg, [str(i) for i in range(10)], proc)
     train_step = make_train_step(cfg, state, proc)
-    x, y = torch.randn(batch, 3, s, s, device=device), torch.randint(0, 10, (batch,), device=device)
-    if is_text(cfg):  # captions of the built-in set's typical length
-        y = dit.tokenize(["a triangle in purple"] * batch).to(device)
+    x = torch.randn(batch, 3, s, s, device=device)
+    # Ten classes, or for a text model a caption of the built-in set's typical length.
+    y = state.model.conditions(["a triangle in purple"] * 10)[torch.randint(0, 10, (batch,))].to(device)
     warmup, timed = (3, 10) if device.type == "cpu" else (15, 50)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -934,27 +971,6 @@ def benchmark(cfg, proc):
 # -----------------------------------------------------------------------------
 # Command line: an error is one line, a signal an exit status
 # -----------------------------------------------------------------------------
-
-class CheckpointError(RuntimeError):
-    pass
-
-
-class Diverged(RuntimeError):
-    """The loss became NaN or infinite: the run stops before anything non-finite is saved."""
-
-
-class Stopped(Exception):
-    """SIGINT or SIGTERM stopped the run after it saved a checkpoint."""
-
-    def __init__(self, signum):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-# What ends a run with a one-line message: wrong flags or data, a bad checkpoint, divergence, and
-# OSError (a full disk while writing the logs, say).
-FAILURES = (ConfigError, DatasetError, CheckpointError, Diverged, OSError)
-
 
 def main(argv=None):
     """Exit status: 0 finished, 1 an error (one line, no traceback), 128 + N stopped by signal N."""
