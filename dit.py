@@ -3,27 +3,19 @@ DiT: a Diffusion Transformer and the diffusion process it is trained with, in on
 
 Peebles & Xie, "Scalable Diffusion Models with Transformers" (ICCV 2023), arXiv:2212.09748.
 A DiT is a plain Vision Transformer that denoises: the noisy image is cut into patches (tokens),
-the timestep t and the class label y are embedded, and every block is conditioned on them. The
-paper compares four ways to do that (Sec. 3.2, Fig. 3, Table 4), all four built here by one block
-class: t and y as two extra tokens ("in-context"), as a sequence the image tokens attend to
-("cross-attn"), or as c = t + y setting the LayerNorms' scale and shift ("adaln"), plus a gate on
-each residual branch that starts at zero, so each block begins life as the identity ("adaln-zero",
-the paper's choice and the default). A final layer turns tokens back into patches: the prediction
-(and, with learn_sigma, the interpolation between the two variance bounds).
+the timestep t and the class label y are embedded, and every block is conditioned on them, in one
+of the paper's four ways (Sec. 3.2, Table 4), all built by one block class. A final layer turns
+tokens back into patches: the prediction (and, with learn_sigma, the variance).
 
-Read it top to bottom:
-    attention (math, SDPA, our Triton kernel) -> embedders and the 2-D sin-cos positions -> the
-    block and the final layer -> DiT, whose `condition` method is the one place where (t, y) becomes
-    what the blocks see -> presets and cost -> the Gaussian diffusion process (Ho et al. 2020,
-    Nichol & Dhariwal 2021, Song et al. 2021) -> flow matching (rectified flow, SiT), behind the
-    same interface -> classifier-free guidance (Ho & Salimans 2022) and `draw`, the one sampling
-    path of train.py's grids and sample.py -> the text model (captions as bytes, a caption encoder
-    trained alongside, PixArt-alpha's cross-attention): a DiT subclass that overrides `condition`
-    -> appendix: how attention "auto" falls back from our kernel to SDPA.
+Read it top to bottom: attention (math, SDPA, our Triton kernel) -> embedders and sin-cos
+positions -> the block and the final layer -> DiT, whose `condition` is the one place where (t, y)
+becomes what the blocks see -> presets and cost -> Gaussian diffusion (Ho et al. 2020, Nichol &
+Dhariwal 2021, Song et al. 2021) and flow matching (SiT), behind one interface -> classifier-free
+guidance and `draw`, the one sampling path -> the text model, a DiT that overrides `condition`
+-> appendix: how attention "auto" falls back from our kernel to SDPA.
 
-With conditioning="adaln-zero" the state dict uses the reference layout (facebookresearch/DiT),
-so its released checkpoints load with `model.load_state_dict(state_dict, strict=True)`.
-torch only: no timm, no numpy.
+With conditioning="adaln-zero" the state dict has the reference layout (facebookresearch/DiT):
+its released checkpoints load strict. torch only: no timm, no numpy.
 
     python -c "import dit, torch; m = dit.DiT_models['DiT-S/2'](); print(m(torch.randn(1, 4, 32, 32), torch.tensor([10]), torch.tensor([3])).shape)"
 """
@@ -48,11 +40,9 @@ CONDITIONINGS = ("adaln-zero", "adaln", "cross-attn", "in-context")
 # -----------------------------------------------------------------------------
 
 def attention(q, k, v, backend="auto", key_lengths=None):
-    """Non-causal multi-head attention: q (B, H, N, D) attends to k, v (B, H, M, D), M keys
-    (M = N in self-attention, M = 2 in cross-attention to t and y); returns (B, H, N, D).
-    "auto" is our Triton kernel on a GPU and SDPA elsewhere (appendix, at the end of the file).
-    key_lengths (B,), optional: sample b attends to its first key_lengths[b] keys only, the rest
-    being padding (captions of different lengths in one batch); each in [1, M]."""
+    """Non-causal attention: q (B, H, N, D) attends to k, v (B, H, M, D); returns (B, H, N, D).
+    "auto" is our Triton kernel on a GPU and SDPA elsewhere (appendix). key_lengths (B,), optional:
+    sample b attends to its first key_lengths[b] keys only, the rest being padding (captions)."""
     if backend == "auto":
         backend = "triton" if _auto_uses_triton(q, k, v, key_lengths) else "sdpa"
     if backend == "triton":  # the kernel takes the lengths themselves (and checks them)
@@ -71,10 +61,9 @@ def attention(q, k, v, backend="auto", key_lengths=None):
 
 
 def check_key_lengths(key_lengths, q, k):
-    """Per-sample key lengths: an integer tensor (B,) on q's device, each length in [1, M]. Used by
-    every backend and by flash_attn_triton. The values are read only where they live on the host:
-    the model makes its lengths there, right by construction, and moves them to the GPU, where a
-    read would make every attention call wait for the device."""
+    """Key lengths: an integer tensor (B,) on q's device, each in [1, M] (every backend and the
+    kernel). Values are read only on the host: on a GPU a read would make each call wait for the
+    device, and the model's lengths are made right on the host anyway (CaptionEncoder)."""
     B, M = q.shape[0], k.shape[2]
     integers = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
     if not isinstance(key_lengths, torch.Tensor) or key_lengths.dtype not in integers:
@@ -154,7 +143,6 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
-
 # -----------------------------------------------------------------------------
 # Embedding layers: patches, timesteps, class labels, and the 2-D sin-cos positions
 # -----------------------------------------------------------------------------
@@ -188,11 +176,8 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, hidden_size, frequency_embedding_size=256):
         super().__init__()
         self.frequency_embedding_size = frequency_embedding_size
-        self.mlp = nn.Sequential(
-            nn.Linear(frequency_embedding_size, hidden_size),
-            nn.SiLU(),
-            nn.Linear(hidden_size, hidden_size),
-        )
+        self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(),
+                                 nn.Linear(hidden_size, hidden_size))
 
     def forward(self, t):
         t_freq = timestep_embedding(t, self.frequency_embedding_size)  # (N, 256)
@@ -253,19 +238,15 @@ class DiTBlock(nn.Module):
     """A pre-norm transformer block (self-attention, then an MLP), conditioned in one of the
     paper's four ways (Sec. 3.2, Fig. 3):
 
-    "adaln-zero": c = t + y regresses six vectors: shift and scale for each LayerNorm (which has
-        no weights of its own) and a gate on each residual branch. The regression layer starts
-        at zero, so every gate is zero and the block is the identity at initialisation.
+    "adaln-zero": c = t + y regresses six vectors, shift and scale for each LayerNorm (which has
+        no weights of its own) and a gate on each residual branch; zero-initialised, so every
+        gate is zero and the block is the identity at first.
     "adaln":      the same without the gates: four vectors, ordinary initialisation.
-    "cross-attn": a standard ViT block plus multi-head cross-attention after self-attention,
-        from the image tokens to the two tokens [t; y].
-    "in-context": a standard ViT block (LayerNorms with their own scale and shift); t and y
-        travel through it as two extra tokens of x.
+    "cross-attn": a standard ViT block plus cross-attention from the image tokens to [t; y].
+    "in-context": a standard ViT block; t and y travel through it as two extra tokens of x.
 
-    cross_attention=True adds the cross-attention sublayer to an adaLN block too: PixArt-alpha's
-    block, in which the image tokens read a caption's tokens between self-attention and the MLP
-    (TextDiT). With adaLN-Zero its output projection starts at zero, so the block still starts
-    as the identity.
+    cross_attention=True adds that cross-attention sublayer to an adaLN block: PixArt-alpha's
+    block, whose image tokens read a caption's tokens (TextDiT), zero-initialised with adaLN-Zero.
     """
 
     def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, attn_backend="auto",
@@ -328,17 +309,11 @@ def init_linear(module):
 
 
 class DiT(nn.Module):
-    """Diffusion model with a Transformer backbone.
-
-    Argument names follow the paper's code. Ours, keyword only: conditioning (one of
-    CONDITIONINGS, see DiTBlock), attn_backend (see attention()), grad_checkpointing (keep only
-    block inputs; recompute each block in the backward pass) and cross_attention (PixArt-alpha's
-    sublayer in adaLN blocks, for a subclass whose condition has tokens: TextDiT).
-
-    y is a class label; `condition` is the one place that turns (t, y) into what the blocks see,
-    and with `null_condition`, `conditions` and `condition_keys` it is all a subclass overrides
-    to condition on something else (TextDiT: captions).
-    """
+    """Diffusion model with a Transformer backbone. Argument names follow the paper's code; ours,
+    keyword only: conditioning (see DiTBlock), attn_backend (see attention()), grad_checkpointing
+    (recompute each block in the backward pass) and cross_attention (see DiTBlock; TextDiT).
+    y is a class label: `condition` and the three methods after it are all a subclass overrides
+    to condition on something else (TextDiT: captions)."""
 
     conditions_on = "labels"                     # what y is
     null_name, dropout_name = "null label", "label"
@@ -367,7 +342,7 @@ class DiT(nn.Module):
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
-        # No label embedder for a subclass that conditions on something else (num_classes None).
+        # num_classes None: no labels (a subclass conditions on something else)
         self.y_embedder = None if num_classes is None else LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         num_patches = (input_size // patch_size) ** 2
         # A parameter (not a buffer) only so that the reference checkpoints load strict; it is frozen.
@@ -394,10 +369,9 @@ class DiT(nn.Module):
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
 
-        # adaLN-Zero: zero gates make every block the identity, and the final layer's shift and
-        # scale start at zero too. The paper (Fig. 5) finds this conditioning trains best. A
-        # cross-attention sublayer in such a block (PixArt-alpha) starts adding nothing, by a zero
-        # output projection. Plain adaLN keeps the ordinary (Xavier) initialisation.
+        # adaLN-Zero: zero gates make every block the identity (the paper's Fig. 5: it trains
+        # best), the final shift and scale start at zero, and so does a cross-attention sublayer's
+        # output (PixArt-alpha). Plain adaLN keeps the ordinary (Xavier) initialisation.
         if self.conditioning == "adaln-zero":
             zeroed = [self.final_layer.adaLN_modulation[-1]]
             for block in self.blocks:
@@ -405,30 +379,27 @@ class DiT(nn.Module):
             for layer in zeroed:
                 nn.init.zeros_(layer.weight)
                 nn.init.zeros_(layer.bias)
-        # Every design: the output layer starts at zero, so a fresh model predicts 0 (as ADM's
-        # output convolution does). It is not part of what Table 4 compares, so all four share it.
+        # Every design (not what Table 4 compares): a zero output layer, a fresh model predicts 0.
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
     # --- the conditioning hook -------------------------------------------------
 
     def condition(self, t, y):
-        """(t, y) -> (c, tokens, lengths): c (N, D), the vector that sets the adaLN designs'
-        shift, scale and gates (else None); tokens (N, M, D) that the image tokens cross-attend to
-        or, in-context, travel with (else None); lengths (N,) of those tokens, or None when all
-        count. Label dropout happens here, in training."""
+        """(t, y) -> (c, tokens, lengths): c (N, D) sets the adaLN designs' norms and gates (else
+        None); tokens (N, M, D) are cross-attended to or, in-context, join x (else None); lengths
+        (N,) say how many tokens count (None: all). Label dropout happens here, in training."""
         t, y = self.t_embedder(t), self.y_embedder(y, self.training)  # (N, D) each
         if self.conditioning in ("adaln-zero", "adaln"):
             return t + y, None, None                                  # one vector for every LayerNorm
         return None, torch.stack([t, y], dim=1), None                 # (N, 2, D): two tokens
 
     def null_condition(self, y):
-        """What guidance extrapolates from, shaped like y: the null label, or None when the model
-        never learned it (trained without label dropout)."""
+        """What guidance extrapolates from: the null label, or None if never learned (no dropout)."""
         return torch.full_like(y, self.num_classes) if self.y_embedder.dropout_prob > 0 else None
 
     def conditions(self, names):
-        """The model's y for a sample grid's rows: class names (every class, in order) -> indices (L,)."""
+        """A sample grid's rows as y: class names (every class, in order) -> indices (L,)."""
         return torch.arange(len(names))
 
     def condition_keys(self, y):
@@ -480,11 +451,10 @@ DiT_models = {name: functools.partial(DiT, depth=d, hidden_size=h, num_heads=n, 
 
 
 def forward_gmacs(model):
-    """Forward cost of one image in billions of multiply-accumulates, counted as the paper counts
-    its "Gflops" (Tables 1 and 4, one multiply-add being one flop): every matrix product, plus one
-    per LayerNorm element. That last term, 2 T D per block, is what lifts the pure matmul count to
-    the printed figures. Cheap at any size on the meta device. Attention runs as "math" while
-    counting: the counter cannot see inside a fused kernel."""
+    """Forward cost of one image in billions of multiply-accumulates, as the paper counts its
+    "Gflops" (Tables 1 and 4): every matrix product, plus one per LayerNorm element (2 T D per
+    block). Cheap at any size on the meta device. Attention runs as "math" while counting: the
+    counter cannot see inside a fused kernel."""
     p = model.pos_embed
     x = torch.zeros(1, model.in_channels, model.input_size, model.input_size, device=p.device, dtype=p.dtype)
     t = torch.zeros(1, dtype=torch.long, device=p.device)
@@ -510,23 +480,18 @@ def forward_gmacs(model):
 # -----------------------------------------------------------------------------
 # Gaussian diffusion: the forward process, the training loss, and two samplers
 #
-# Two recipes run on this code. The paper's (DiT Sec. 3.1, after ADM): predict eps, linear betas,
-# learned sigma, uniform weights over timesteps; these are GaussianDiffusion's defaults and
-# `train.py --preset paper`. This repo's default (config.py's "cpu" preset): predict x_0, cosine
-# betas shifted for 32 px, min-SNR weighting, fixed sigma, which learns crisp 32 px images in
-# minutes on a CPU.
+# The paper's recipe (DiT Sec. 3.1, after ADM) is GaussianDiffusion's defaults and `--preset paper`:
+# predict eps, linear betas, learned sigma, uniform weights. The default "cpu" preset predicts x_0
+# with cosine betas shifted for 32 px, min-SNR weights and fixed sigma: crisp images in minutes.
 # -----------------------------------------------------------------------------
 
 class DiffusionProcess:
-    """What the trainer and the samplers ask of a noise process; GaussianDiffusion (the DDPM
-    chain) and RectifiedFlow (a straight path) answer it.
-
-    name: what a message calls it. num_timesteps: the network's time scale (t as the network sees it is in [0, num_timesteps)).
-    samplers: the names denoise_steps takes, the first the default; default_steps likewise.
-    draw_timesteps(n, device) -> (n,) training times; training_losses(model, x0, t, y, noise)
-    -> {"loss", "mse", ...} each (N,); denoise_steps(model_fn, noise, steps, sampler, eta,
-    clip_denoised, generator) yields (t, x_t, x0_pred) after each reverse step.
-    """
+    """What the trainer and the samplers ask of a noise process: GaussianDiffusion (the DDPM
+    chain) and RectifiedFlow (a straight path) answer it. draw_timesteps(n, device) -> (n,)
+    training times; training_losses(model, x0, t, y, noise) -> {"loss", "mse", ...} each (N,);
+    denoise_steps(model_fn, noise, steps, sampler, eta, clip_denoised, generator) yields (t, x_t,
+    x0_pred) after each reverse step. The network sees t in [0, num_timesteps); samplers are the
+    names denoise_steps takes, the first the default."""
 
     name = "diffusion"
     num_timesteps = 1000
@@ -547,12 +512,10 @@ class DiffusionProcess:
 
 def make_betas(schedule, num_timesteps, noise_shift=1.0):
     """beta_t for t = 0 .. T-1: DDPM's linear 1e-4..0.02 (scaled for T != 1000), or the cosine
-    schedule of Nichol & Dhariwal (2021), which destroys small images less abruptly.
-
-    noise_shift s divides every step's signal-to-noise ratio abar / (1 - abar) by s ** 2
-    (Hoogeboom et al. 2023, "simple diffusion"). Averaging s x s pixels halves the noise's std per
-    doubling, so at s times the resolution the same abar leaves the image's coarse shape far
-    clearer; the shift restores the noise level a coarse shape sees at the base resolution."""
+    schedule of Nichol & Dhariwal (2021), which destroys small images less abruptly. noise_shift s
+    divides every SNR abar / (1 - abar) by s ** 2 (Hoogeboom et al. 2023): averaging s x s pixels
+    divides the noise's std by s, so at s times the resolution the same abar leaves the coarse
+    shape far clearer; the shift restores the noise level it sees at the base resolution."""
     if schedule == "linear":
         scale = 1000 / num_timesteps
         betas = torch.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=torch.float64)
@@ -612,20 +575,16 @@ class GaussianDiffusion(DiffusionProcess):
     """The DDPM forward process q(x_t | x_0) and what is needed to learn and run its reverse.
 
     Notation as in the papers: alpha_t = 1 - beta_t, abar_t = prod_{s<=t} alpha_s.
-    prediction: what the network's first in_channels outputs mean: "eps" (the noise; DDPM and
-        DiT), "v" = sqrt(abar) eps - sqrt(1 - abar) x_0 (Salimans & Ho 2022), or "x0", the clean
-        image itself (Li & He 2025, "Back to Basics"): with large pixel patches a token has no more
-        dimensions than its patch, too few to carry full-rank noise through, but enough for the
-        clean image, which lies near a low-dimensional manifold.
-    learn_sigma: the remaining in_channels outputs interpolate the reverse variance between beta_t
-        and the posterior variance (Improved DDPM), trained by the variational bound.
-    loss_weighting: "uniform" (the paper) or "min_snr" (Hang et al. 2023: weights each timestep by
-        min(SNR, gamma) relative to its plain loss, so easy low-noise steps stop dominating), or
-        "min_snr_floor": the same weight on the x_0 error, but at least 1, clamp(SNR, 1, gamma).
-        min-SNR's weight vanishes at high noise, where a caption's colour is decided; the floor
-        keeps those steps (uniform's weight there) and min-SNR's low-noise steps, where shapes are.
-    loss: the elementwise distance between prediction and target, "l2" (DDPM) or "l1" (which
-        some small-DiT projects prefer); the variational term (learn_sigma) is the same either way.
+    prediction: what the network's first in_channels outputs mean: "eps" (the noise; DDPM, DiT),
+        "v" = sqrt(abar) eps - sqrt(1 - abar) x_0 (Salimans & Ho 2022), or "x0" (Li & He 2025): a
+        large pixel patch gives a token too few dimensions to carry full-rank noise through, but
+        enough for the clean image, which lies near a low-dimensional manifold.
+    learn_sigma: the other in_channels outputs interpolate the reverse variance between beta_t and
+        the posterior variance (Improved DDPM), trained by the variational bound.
+    loss_weighting: "uniform" (the paper), "min_snr" (Hang et al. 2023: min(SNR, gamma) times the
+        x_0 error, so easy low-noise steps stop dominating) or "min_snr_floor", clamp(SNR, 1, gamma):
+        min-SNR's weight vanishes at high noise, where a caption's colour is decided.
+    loss: the elementwise distance, "l2" (DDPM) or "l1"; the variational term is the same either way.
     """
 
     name = "DDPM"
@@ -671,12 +630,10 @@ class GaussianDiffusion(DiffusionProcess):
         return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
     def q_posterior(self, x0, x_t, abar_t, abar_prev):
-        """Mean and variance of q(x_prev | x_t, x_0) between any two steps of the chain (Eq. 7).
-        With abar_prev = abar_{t-1} this is DDPM's posterior; with a coarser pair it is the
-        posterior of the respaced chain (Nichol & Dhariwal 2021, Sec. 4). abar_t and abar_prev
-        come in float64: at small t, 1 - abar_t / abar_prev cancels most of float32's digits
-        (7.5e-4 relative error in the variational term at t = 1). The coefficients are cast to
-        the images' dtype only at the end."""
+        """Mean and variance of q(x_prev | x_t, x_0) between any two steps of the chain (Eq. 7):
+        DDPM's posterior, or with a coarser pair the respaced chain's (Nichol & Dhariwal 2021).
+        abar_t and abar_prev come in float64: at small t, 1 - abar_t / abar_prev cancels most of
+        float32's digits. The coefficients are cast to the images' dtype only at the end."""
         beta = 1 - abar_t / abar_prev
         coef_x0 = abar_prev.sqrt() * beta / (1 - abar_t)
         coef_xt = (1 - beta).sqrt() * (1 - abar_prev) / (1 - abar_t)
@@ -806,12 +763,10 @@ class GaussianDiffusion(DiffusionProcess):
 # -----------------------------------------------------------------------------
 # Flow matching: the same DiT, a straight path from data to noise
 #
-# Rectified flow (Liu et al. 2022; Lipman et al. 2022) replaces the DDPM chain by the straight line
-# x_t = (1 - t) x_0 + t eps, t in [0, 1], whose velocity dx_t/dt = eps - x_0 the network learns to
-# predict; sampling integrates dx/dt = v(x, t) from t = 1 (noise) to 0 with Euler or Heun steps.
-# SiT (Ma et al. 2024) trains the DiT backbone this way, and SD3 (Esser et al. 2024) found
-# logit-normal t the best of the samplings it compared. The network sees t * 1000, the DDPM's
-# timestep scale, so embeddings and the guidance interval read alike.
+# Rectified flow (Liu et al. 2022; Lipman et al. 2022): the straight line x_t = (1 - t) x_0 + t eps,
+# t in [0, 1], whose velocity eps - x_0 the network predicts; sampling integrates dx/dt = v from
+# t = 1 to 0. SiT (Ma et al. 2024) trains DiT so; SD3 found logit-normal t best. The network sees
+# t * 1000, the DDPM's scale, so embeddings and the guidance interval read alike.
 # -----------------------------------------------------------------------------
 
 class RectifiedFlow(DiffusionProcess):
@@ -919,27 +874,18 @@ def make_diffusion(objective="ddpm", **args):
 # -----------------------------------------------------------------------------
 
 def guided_model_fn(model, y, cfg_scale, interval=(0, math.inf), colour_scale=None):
-    """model_fn(x, t) for the samplers: the network's output for the conditions y, with
-    classifier-free guidance unless both scales are 1. Guidance extrapolates from the null
-    condition's prediction (model.null_condition: the null label, or the empty caption, which
-    dropout in training taught the network) towards the condition's:
-    pred = pred(x, null) + s * (pred(x, y) - pred(x, null)). Only the prediction channels are
-    mixed (eps, v or x0: for a shared x_t each is affine in the others, so mixing any of them is
-    the same guidance); the variance channels (learn_sigma) stay the conditional ones. x is
-    doubled only inside the call, so one forward pass serves both conditions.
+    """model_fn(x, t) for the samplers: the network's output for the conditions y, guided unless
+    both scales are 1: pred = pred(x, null) + s * (pred(x, y) - pred(x, null)), from the null
+    condition that dropout taught the network (model.null_condition). Only the prediction channels
+    are mixed (eps, v or x0 are affine in each other for a shared x_t: the same guidance); the
+    variance channels stay the conditional ones. One doubled forward pass serves both conditions.
 
-    interval (lo, hi): guide only at timesteps lo <= t < hi, elsewhere the condition's own
-    prediction in one pass (Kynkaanniemi et al. 2024): at high noise, where colour and layout are
-    chosen, guidance pulls every sample towards the commonest look; at low noise it changes little.
-
-    colour_scale: guidance's scale for colour alone. A pixel's mean over the RGB channels is its
-    grey level and the rest is its colour; the grey part of guidance's change is scaled by
-    cfg_scale, the colour part by colour_scale. A caption without a colour gets a conditional that
-    leans towards the palette's mean, and guidance multiplies the lean; shapes live in the grey
-    image, so guiding grey alone keeps them crisp while colour keeps its spread. None: cfg_scale
-    if model.guide_colour (a class DiT, whose interval already keeps the data's colours), else 1
-    (a text model). For pixel-space RGB models: in a latent space the channel mean is not grey.
-
+    interval (lo, hi): guide only at lo <= t < hi (Kynkaanniemi et al. 2024): at high noise, where
+    colour and layout are chosen, guidance pulls every sample towards the commonest look.
+    colour_scale: the scale for colour alone (each pixel's offset from its RGB mean; the grey part
+    takes cfg_scale). A caption without a colour leans towards the palette's mean, and guidance
+    multiplies the lean, while shapes live in the grey image. None: cfg_scale if
+    model.guide_colour (a class DiT), else 1 (a text model). Pixel-space RGB only.
     Raises ValueError if guidance is asked of a model without a null condition."""
     if colour_scale is None:
         colour_scale = cfg_scale if model.guide_colour else 1.0
@@ -991,11 +937,10 @@ def to_unit(x):
 @torch.no_grad()
 def draw(model, diffusion, y, j, seed, steps, cfg_scale, sampler=None, eta=0.0, interval=(0, math.inf),
          colour_scale=None):
-    """Denoise sample j[i] of condition y[i] (a class, or a caption's tokens) for every i, with
-    guidance: yields x_t after each of the `steps` reverse steps, (N, C, H, W), the last one the
-    sample. DDPM's per-step noise (or DDIM's at eta > 0) comes from one generator per batch, keyed
-    by its first image, so there an image also depends on the batch it is drawn in; DDIM at eta 0
-    and the flow samplers use none. sampler None or "auto": the process's default."""
+    """Denoise sample j[i] of condition y[i] for every i, with guidance: yields x_t (N, C, H, W)
+    after each of the `steps` reverse steps, the last the sample. DDPM's per-step noise (or DDIM's
+    at eta > 0) comes from one generator per batch, keyed by its first image, so there an image
+    depends on its batch too. sampler None or "auto": the process's default."""
     shape = (model.in_channels, model.input_size, model.input_size)
     keys = model.condition_keys(y)
     noise = torch.stack([initial_noise(seed, c, k, shape) for c, k in zip(keys, j)]).to(y.device)  # x_T
@@ -1009,26 +954,18 @@ def draw(model, diffusion, y, j, seed, steps, cfg_scale, sampler=None, eta=0.0, 
 # -----------------------------------------------------------------------------
 # Text to image: captions as bytes, a caption encoder trained alongside, PixArt-alpha's block
 #
-# The DiT authors' answer to "how do I condition on text?": pool the encoded text into adaLN, and
-# let the image tokens cross-attend to the text tokens. PixArt-alpha (Chen et al. 2023, Sec. 2.3)
-# does that: adaLN-Zero from the timestep, and a cross-attention sublayer between self-attention
-# and the MLP whose output projection starts at zero (DiTBlock's cross_attention). We add the
-# caption's pooled vector to the timestep's embedding, as SD3 and Hunyuan-DiT do. No pretrained
-# text encoder: a small one is trained with the DiT from the caption's bytes, as GLIDE trained its
-# own (Nichol et al. 2022). TextDiT is a DiT whose `condition` reads a caption instead of a label.
-#
-# The encoder reads each word on its own and hands the DiT a bag of words: "orange" is one and the
-# same key in "an orange star" as in "something orange". That is what lets the model draw a colour
-# and a shape it never saw together (an encoder whose words see each other drew the held-out pairs
-# with one of their two words right, a bag with both: assets/text.md). The pooled vector follows
-# suit: the mean of the words' vectors, each through the pooling MLP, not the MLP of their mean.
+# PixArt-alpha (Chen et al. 2023, Sec. 2.3): adaLN-Zero blocks with a zero-initialised
+# cross-attention from the image tokens to the text's tokens (DiTBlock's cross_attention); the
+# caption's pooled vector joins the timestep's embedding, as in SD3. No pretrained text encoder: a
+# small one learns with the DiT from the bytes, as GLIDE trained its own. The encoder hands the DiT
+# a bag of words ("orange" is the same key in "an orange star" as in "something orange"), which is
+# what lets the model draw a colour and a shape it never saw together (assets/text.md).
 # -----------------------------------------------------------------------------
 
-# The tokenizer is UTF-8 itself: bytes 0..255 are their own tokens, so any caption in any language
-# has a spelling and there is no vocabulary to store or to miss a word. Two more tokens: BOS opens
-# every caption, so that even the empty caption (guidance's null condition) has one key to attend
-# to, since a row whose keys are all masked is a softmax over nothing, 0 / 0 = NaN; PAD fills the
-# shorter captions of a batch, and marks their lengths.
+# The tokenizer is UTF-8 itself: bytes 0..255 are their own tokens, so any caption has a spelling
+# and there is no vocabulary to miss a word. BOS opens every caption, so that even the empty one
+# (guidance's null condition) has a key to attend to (a softmax over no keys is 0 / 0 = NaN); PAD
+# fills the shorter captions of a batch, and marks their lengths.
 CAPTION_BOS, CAPTION_PAD = 256, 257
 CAPTION_VOCAB = 258
 MAX_CAPTION_BYTES = 64
@@ -1107,19 +1044,15 @@ def spell_words(tokens):
     return grid, words
 
 
-
 class CaptionEncoder(nn.Module):
     """Tokens -> one feature per word, the word counts, and a pooled vector.
 
-    One layer reads each word's bytes (embeddings plus sin-cos positions within the word), seeing
-    no other word, once per distinct word of the batch; its mean over the bytes is the word's
-    feature. `depth` more layers then let the words see each other and their order (0, the
-    default: a bag of words, in which no word's feature depends on its neighbours). A final
-    LayerNorm. The pooled vector goes through an MLP, as the timestep's embedding does, and `pool`
-    says in which order: "mlp_then_mean" (the default) averages each word's MLP output, so a
-    caption's vector is the mean of its words' vectors and an unseen pair ("a purple ring") is
-    made of two known parts; "mean_then_mlp" (older text runs) sends the words' mean through the
-    MLP, a new point for a new pair. Same parameters either way."""
+    One layer reads each word's bytes (with sin-cos positions within the word), seeing no other
+    word; their mean is the word's feature. `depth` more layers let the words see each other and
+    their order (0, the default: a bag of words). A final LayerNorm. The pooled vector goes through
+    an MLP, in the order `pool` says: "mlp_then_mean" (the default) averages each word's MLP
+    output, so an unseen pair ("a purple ring") is the mean of two known parts; "mean_then_mlp"
+    (older text runs) sends the words' mean through the MLP, a new point for a new pair."""
 
     POOLS = ("mlp_then_mean", "mean_then_mlp")
 
@@ -1143,15 +1076,12 @@ class CaptionEncoder(nn.Module):
         """tokens (N, L) from tokenize() -> features (N, W, D), word counts (N,), pooled (N, D)."""
         if tokens.shape[1] > self.max_bytes + 1:
             raise ValueError(f"captions of {tokens.shape[1] - 1} bytes, over this model's limit of {self.max_bytes}")
-        # How many words, how long, and which are the same: shapes that depend on the bytes, so
-        # worked out on the host (a GPU waits once per step for a few hundred bytes; the meta
-        # device, which has no bytes, can count the cost of a model given host tokens). The
-        # lengths are made here, right by construction, and reach the attention on the device
-        # unread. A word's feature depends on its bytes alone, and a batch repeats a few words
-        # ("a", "red", ...) many times: each distinct word is spelled once (U rows, not N * W) and
-        # copied to its places, the same numbers at a fraction of the cost. The copies are
-        # index_select's: its backward on the CPU adds them up in a fixed order (x[place]'s in
-        # parallel, in any order, so two runs with one seed parted).
+        # Words, their lengths and which are the same are shapes that depend on the bytes: worked
+        # out on the host (a GPU waits once per step for a few hundred bytes; the meta device can
+        # count the cost given host tokens), and the lengths reach the attention unread. A batch
+        # repeats a few words many times: each distinct word is spelled once (U rows, not N * W)
+        # and copied to its places by index_select, whose CPU backward adds the copies up in a
+        # fixed order (x[place]'s does so in any order: two runs with one seed would part).
         device = self.token_embedder.weight.device
         grid, words = spell_words(tokens.cpu())                              # (N, W, B), (N,)
         N, W, B = grid.shape
@@ -1176,21 +1106,17 @@ class CaptionEncoder(nn.Module):
 
 
 class TextDiT(DiT):
-    """A DiT conditioned on captions (PixArt-alpha's design, with our own small caption encoder):
-    adaLN-Zero blocks with cross-attention to the caption's word features, and c = t + the pooled
-    caption. It overrides DiT's conditioning hook and nothing of the forward pass.
+    """A DiT conditioned on captions (PixArt-alpha's design, with our own caption encoder):
+    adaLN-Zero blocks that cross-attend to the caption's words, and c = t + the pooled caption.
+    It overrides DiT's conditioning hook and nothing of the forward pass.
 
-    forward(x, t, captions) takes the captions as the (N, L) token tensor of tokenize(), not as
-    strings: a tensor goes wherever class labels go (a DataLoader batch, .to(device), torch.cat
-    for guidance, GaussianDiffusion.training_losses), and text becomes tokens once per image in
-    the data set rather than in every step. The lengths need no tensor of their own: PAD marks them.
+    forward(x, t, captions) takes the (N, L) tokens of tokenize(), not strings: a tensor goes
+    wherever labels go (a DataLoader batch, .to(device), torch.cat for guidance), and text becomes
+    tokens once per image of the data set, not in every step. PAD marks the lengths.
 
-    Arguments as DiT's, plus: caption_dropout_prob (in training, the chance that a caption is
-    replaced by the empty one, so that the network learns the null condition guidance needs),
-    text_depth (the encoder's layers across words; 0: a bag of words; its width and heads are the
-    DiT's), max_caption_bytes and caption_pool (CaptionEncoder's pool: the order of its MLP and
-    its mean over the words). All plain values, so that a checkpoint's model_args rebuild the model.
-    """
+    Arguments as DiT's, plus caption_dropout_prob (the chance in training that a caption becomes
+    the empty one, the null condition guidance needs), text_depth, max_caption_bytes and
+    caption_pool (CaptionEncoder's). All plain values: a checkpoint's model_args rebuild it."""
 
     conditions_on = "captions"
     null_name, dropout_name = "empty caption", "caption"
@@ -1215,9 +1141,7 @@ class TextDiT(DiT):
     def condition(self, t, captions):
         """(t, captions (N, L) tokens) -> c = t + the pooled caption (N, D), the caption's word
         features (N, W, D) for the cross-attention, and their counts (N,). Caption dropout here."""
-        if self.training and self.caption_dropout_prob > 0:
-            # Caption dropout: the empty caption in place of some, so the network also learns the
-            # unconditional model that classifier-free guidance extrapolates from.
+        if self.training and self.caption_dropout_prob > 0:  # the empty caption in place of some
             drop = torch.rand(captions.shape[0], device=captions.device) < self.caption_dropout_prob  # (N,)
             empty = empty_captions(1, captions.shape[1], captions.device)                          # (1, L)
             captions = torch.where(drop[:, None], empty, captions)                                  # (N, L)
@@ -1258,18 +1182,16 @@ def _flash_attention():
 
 
 def _triton_attention(q, k, v, key_lengths=None):
-    """Our kernel, handed key lengths only when there are some (plain calls stay flash_attention(q, k, v))."""
-    if key_lengths is None:
-        return _flash_attention()(q, k, v)
-    return _flash_attention()(q, k, v, key_lengths=key_lengths)
+    """Our kernel; plain calls stay flash_attention(q, k, v)."""
+    kernel = _flash_attention()
+    return kernel(q, k, v) if key_lengths is None else kernel(q, k, v, key_lengths=key_lengths)
 
 
 # Where "auto" tries the kernel: the device types Triton compiles for here.
 AUTO_TRITON_DEVICES = ("cuda",)
 
-# What "auto" learned about the Triton kernel in this process: {(q shape, k shape, dtype, grad,
-# key lengths): whether it ran}. Module-level, like Triton's own compile cache: it describes this
-# machine's Triton and GPU, not any one model.
+# What "auto" learned in this process: {(q shape, k shape, dtype, grad, key lengths): whether the
+# kernel ran}. Module-level, like Triton's own compile cache: it describes this machine's GPU.
 _triton_works = {}
 
 
@@ -1306,10 +1228,9 @@ def _triton_runs(q, k, v, key_lengths=None):
 
 def _auto_uses_triton(q, k, v, key_lengths=None):
     """Backend "auto" uses our kernel on a GPU unless Triton cannot be imported, or the kernel
-    fails to compile or launch for this shape. Each failure warns once, naming the error, and
-    SDPA takes over that shape for the rest of the process: a kernel problem costs speed, not
-    the run. An explicit backend="triton" raises instead. With key lengths the kernel is
-    compiled apart, so it is tried apart."""
+    fails to compile or launch for this shape: then it warns once, and SDPA takes that shape for
+    the rest of the process (a kernel problem costs speed, not the run; backend="triton" raises
+    instead). With key lengths the kernel is compiled apart, so it is tried apart."""
     if q.device.type not in AUTO_TRITON_DEVICES:
         return False
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
