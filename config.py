@@ -24,10 +24,9 @@ def option(default, help, choices=None, at_least=None, above=None, below=None, a
     return field(default=default, metadata={"help": help, "choices": choices, **bounds})
 
 
-# Guidance only for timesteps 100 <= t < 800 of 1000 (Kynkaanniemi et al. 2024). Measured on the
-# default run (README, Results): guided at every step, the colours drift to the commonest ones
-# (total variation to the data's 0.18); without guidance at t >= 800, where colours are chosen,
-# they spread as the data's (0.05); guiding at t < 100 too costs the cross (62% against 81%, cfg 4).
+# Guidance only for timesteps 100 <= t < 800 of 1000 (Kynkaanniemi et al. 2024): guided at every
+# step, the colours drift to the commonest ones; unguided at t >= 800, where colours are chosen,
+# they spread as the data's; guided at t < 100 too, thin shapes suffer (assets/results.md).
 CFG_INTERVAL = (100.0, 800.0)
 
 
@@ -94,11 +93,11 @@ class TrainConfig:
     benchmark: bool = option(False, "time training steps on random data and print one line (no run directory)")
 
 
-# The dataclass defaults are the "cpu" preset, measured to give crisp 32 px shapes in under 15
-# minutes on 2 CPU cores: 8 x 8 patches (16 tokens) keep a step cheap, so a small batch and a high
-# learning rate get 4500 steps in. A token then has no more dimensions (192) than its patch
-# (8 * 8 * 3), so the network predicts the clean image, not the noise (x0; with v the samples were
-# patchy blocks), and the noise schedule is shifted for 32 px (noise_shift 2); min-SNR weighting.
+# The dataclass defaults are the "cpu" preset: crisp 32 px shapes in minutes on a laptop CPU.
+# 8 x 8 patches (16 tokens) keep a step cheap, so a small batch and a high learning rate get many
+# steps in. A token then has no more dimensions (192) than its patch (8 * 8 * 3), so the network
+# predicts the clean image, not the noise (x0; with v the samples were patchy blocks), and the
+# noise schedule is shifted for 32 px (noise_shift 2); min-SNR weighting (assets/results.md).
 # Each line of the other presets says why it differs.
 TRAIN_PRESETS = {
     "cpu": {},
@@ -115,11 +114,10 @@ TRAIN_PRESETS = {
     "text": {                        # captions, not labels: metadata.jsonl, PixArt-alpha's cross-attention
         "model": "TextDiT-Ti/8",     # the cpu preset's network plus a caption encoder (a bag of words)
         # A caption's colour is decided at high noise, where min-SNR's weight (SNR) is nearly 0:
-        # with it the colour words were never learned (19% right after 3000 steps, chance 17%);
-        # uniform weights on the x_0 error: 92%, but rough shapes. min-SNR with a floor of 1 keeps
-        # both: colours 99%, shapes 88% -> 98% (README, Text to image).
+        # with it the colour words were never learned; uniform weights learned them but drew rough
+        # shapes. min-SNR with a floor of 1 keeps both (assets/text.md).
         "loss_weighting": "min_snr_floor",
-        "steps": 6000,               # words spelled once per batch, fused AdamW: 6000 steps in ~14 min
+        "steps": 6000,               # a caption encoder to learn too: more steps than the class run
         "out": "runs/text",
     },
     "paper": {                       # DiT as published: eps, linear betas, learned sigma, constant lr 1e-4

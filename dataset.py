@@ -283,6 +283,32 @@ class CaptionFolder(torch.utils.data.Dataset):
 
 
 # ----------------------------------------------------------------------------
+# Data order: a shuffled, sharded, resumable stream of batches
+# ----------------------------------------------------------------------------
+
+class ResumableBatchSampler:
+    """Batch k of the run is a pure function of (seed, k): epoch e shuffles with seed + e, each rank
+    takes every world-th index (a distributed sampler), and a resumed run simply starts at batch k."""
+
+    def __init__(self, num_items, batch_size, seed, rank, world_size, start_batch=0):
+        self.per_rank = num_items // world_size
+        self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world_size
+        self.batches_per_epoch = self.per_rank // batch_size  # the ragged last batch is dropped
+        self.num_items, self.start_batch = num_items, start_batch
+
+    def __iter__(self):
+        batch, order_epoch, order = self.start_batch, None, None
+        while True:
+            epoch, k = divmod(batch, self.batches_per_epoch)
+            if epoch != order_epoch:
+                gen = torch.Generator().manual_seed(self.seed + epoch)
+                order = torch.randperm(self.num_items, generator=gen)[self.rank::self.world]
+                order_epoch = epoch
+            yield order[k * self.batch_size:(k + 1) * self.batch_size].tolist()
+            batch += 1
+
+
+# ----------------------------------------------------------------------------
 # The built-in data set: procedural shapes
 # ----------------------------------------------------------------------------
 
@@ -340,7 +366,7 @@ TEXT_HOLDOUT = (("green", "circle"), ("orange", "cross"), ("blue", "heart"), ("y
 # A few wordings, so that the model learns the words rather than one sentence. Two fifths of the
 # captions leave the colour out, so that "a star" means a star of any colour: with one fifth,
 # "a <shape>" rarely committed to a colour and came out orange, the palette colour nearest the
-# mean of all six (README, "The spread: why"). A fifth leave the shape out: "something
+# mean of all six (assets/text.md, "The spread: why"). A fifth leave the shape out: "something
 # orange" is then learned apart from any shape.
 COLOURED_CAPTIONS = ("a {colour} {shape}", "{colour} {shape}", "a {shape} in {colour}",
                      "a {colour} {shape} on black")
@@ -369,6 +395,21 @@ def shape_prompt(shape, colour=None):
     """The plainest wording of the captions, the one to prompt with: "a red star", "an orange
     star", or "a star" when no colour is asked for."""
     return _article(f"a {colour} {shape}" if colour else f"a {shape}")
+
+
+def grid_prompts(dataset):
+    """What a text run's sample grids draw, one row each: on the built-in shapes, each shape once,
+    alternately in its held-out colour (never seen in training) and in a colour it was seen in;
+    on other data, the first 8 different captions."""
+    if not any(dataset.pairs):
+        return list(dict.fromkeys(dataset.captions))[:8]
+    seen = {pair for pair in dataset.pairs if pair}
+    prompts = []
+    for i, (colour, shape) in enumerate(TEXT_HOLDOUT):
+        if i % 2:  # (no colour at all if the data never showed this shape)
+            colour = next((c for c in COLOUR_NAMES if (c, shape) in seen), None)
+        prompts.append(shape_prompt(shape, colour))
+    return prompts
 
 
 def draw_shape(name, image_size, rng, colour=None):
