@@ -1,21 +1,20 @@
 """
-Train a class-conditional DiT with DDPM on a folder of images, on a CPU, one GPU or many.
+Train a DiT (DDPM or flow matching) on a folder of images, by class or by caption, on a CPU, one GPU or many.
 
     python train.py                                  # built-in shapes set, CPU-sized model, minutes
     python train.py --data my_images --out runs/mine # your own root/<class>/*.png folders
-    python train.py --preset gpu                     # larger model and batch for one GPU
+    python train.py --preset text                    # captions (metadata.jsonl) instead of classes
     torchrun --nproc_per_node=4 train.py --preset gpu    # data parallel over 4 GPUs (DDP)
     python train.py --benchmark --model DiT-XL/2 --image-size 32 --batch-size 32   # img/s, MFU
 
-Starting again with the same --out resumes from the newest checkpoint: a run killed at any moment
-(even SIGKILL) ends with the same weights as one never interrupted, on one process or several.
-SIGINT/SIGTERM save a checkpoint first and exit with 130/143, so scripts can tell a stopped run
-from a finished one. One train.py at a time may use an --out (a lock file says which process).
-Watch it with `tensorboard --logdir runs`. All flags: `python train.py --help` (or config.py).
+Starting again with the same --out resumes from the newest checkpoint: a run killed at any moment (even SIGKILL)
+ends with the same weights as one never interrupted, on one process or several. SIGINT/SIGTERM save a checkpoint
+first and exit with 130/143. One train.py at a time may use an --out (a lock file says which process). Watch it
+with `tensorboard --logdir runs`.
 
-Reading order: `train()`, the table of contents; the training step and the loop, which are the
-lesson; set up, resume, save and finish; logging and sample grids. Then an appendix of what keeps
-runs safe (the run directory's lock, checkpoint files, processes), the benchmark, and `main`.
+Reading order: `train()`, the table of contents; the training step and the loop, which are the lesson; set up,
+resume, save and finish; logging and sample grids. Then an appendix of what keeps runs safe (the run directory's
+lock, checkpoint files, processes), the benchmark, and `main`.
 """
 
 import copy
@@ -31,7 +30,7 @@ import signal
 import sys
 import time
 import warnings
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, closing, contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -41,8 +40,8 @@ from tqdm import tqdm
 
 import dit
 from config import ConfigError, SampleConfig, TrainConfig, TRAIN_PRESETS, flag, parse_args
-from dataset import (COLOUR_NAMES, TEXT_HOLDOUT, CaptionFolder, DatasetError, ImageFolder, check_batch_size,
-                     ensure_builtin_dataset, shape_prompt)
+from dataset import (CaptionFolder, DatasetError, ImageFolder, ResumableBatchSampler, check_batch_size,
+                     ensure_builtin_dataset, grid_prompts)
 
 BUILTIN_DATA = "data/shapes"
 
@@ -56,8 +55,7 @@ class CheckpointError(RuntimeError):
 
 
 class Diverged(RuntimeError):
-    """The loss or the gradient's norm became NaN or infinite: the run stops before anything
-    non-finite is saved."""
+    """The loss or the gradient's norm became NaN or infinite: the run stops before anything non-finite is saved."""
 
 
 class Stopped(Exception):
@@ -68,8 +66,7 @@ class Stopped(Exception):
         self.signum = signum
 
 
-# Wrong flags or data, a bad checkpoint, divergence, and OSError (a full disk while writing the logs).
-FAILURES = (ConfigError, DatasetError, CheckpointError, Diverged, OSError)
+FAILURES = (ConfigError, DatasetError, CheckpointError, Diverged, OSError)  # OSError: a full disk writing the logs
 
 
 # -----------------------------------------------------------------------------
@@ -91,7 +88,7 @@ def train(cfg):
             if state.step >= cfg.steps:
                 return already_finished(cfg, state, proc)
             start_step = state.step
-            with RunLog(cfg, state, len(dataset), proc) as log:
+            with closing(RunLog(cfg, state, len(dataset), proc)) as log:
                 signum, loss = train_loop(cfg, state, dataset, proc, log)
                 return finish(cfg, state, signum, loss, start_step, log, proc)
 
@@ -101,9 +98,8 @@ def train(cfg):
 # -----------------------------------------------------------------------------
 
 def make_train_step(cfg, state, proc):
-    """One optimizer step as a function of (x, y, lr). It returns device tensors, so the host
-    never waits for the device here. With --grad-accum K the batch is cut into K micro-batches
-    whose gradients add up to the whole batch's: the same update in 1/K of the activation memory."""
+    """One optimizer step as a function of (x, y, lr), returning device tensors: the host never waits here. With
+    --grad-accum K, K micro-batches' gradients add up to the whole batch's: one update in 1/K of the memory."""
     device = proc.device
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -112,29 +108,26 @@ def make_train_step(cfg, state, proc):
         net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
     net.train()
     params = [p for p in state.model.parameters() if p.requires_grad]
-    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
 
     def train_step(x, y, lr):
         for group in state.opt.param_groups:
             group["lr"] = lr
-        # DDPM (Ho et al. 2020, Algorithm 1): a uniform timestep and fresh noise per image;
-        # training_losses noises x to x_t and regresses the network's prediction on its target.
-        # (Flow matching draws logit-normal times instead.) Drawn for the whole batch first, so
-        # micro-batches see the very numbers one big batch would.
+        # DDPM (Ho et al. 2020, Algorithm 1): a uniform timestep and fresh noise per image (flow matching draws
+        # logit-normal times); training_losses noises x to x_t and regresses the prediction on its target. Drawn for
+        # the whole batch first, so micro-batches see the very numbers one big batch would.
         t = state.diffusion.draw_timesteps(x.shape[0], device)                        # (B,)
         noise = torch.randn_like(x)                                                   # (B, C, H, W)
         state.opt.zero_grad(set_to_none=True)
         loss = mse = 0
         for i, chunk in enumerate(zip(*(v.chunk(cfg.grad_accum) for v in (x, t, y, noise)))):
             # DDP all-reduces the gradients once, in the last micro-batch's backward.
-            last = i == cfg.grad_accum - 1
-            with net.no_sync() if proc.world > 1 and not last else nullcontext():
+            with net.no_sync() if proc.world > 1 and i < cfg.grad_accum - 1 else nullcontext():
                 with autocast(cfg, device):
                     losses = state.diffusion.training_losses(net, *chunk[:3], noise=chunk[3])  # (B/K,) each
                 (losses["loss"].mean() / cfg.grad_accum).backward()
             loss = loss + losses["loss"].detach().mean() / cfg.grad_accum
             mse = mse + losses["mse"].detach().mean() / cfg.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         state.opt.step()
         return loss, mse, grad_norm
     return train_step
@@ -183,14 +176,13 @@ def train_loop(cfg, state, dataset, proc, log):
         schedule=torch.profiler.schedule(wait=2, warmup=2, active=4, repeat=1),
         on_trace_ready=torch.profiler.tensorboard_trace_handler(str(Path(cfg.out, "profile"))),
         record_shapes=True, profile_memory=True) if cfg.profile and proc.is_main else nullcontext()
-    with StopFlag() as stop, profiler:
-        while state.step < cfg.steps and not (signum := agree_on_stop(stop.signum, proc)):
+    with stop_flag() as stop, profiler:
+        while state.step < cfg.steps and not (signum := agree_on_stop(stop["signum"], proc)):
             x, y = next_batch(batches, cfg, state, proc.device)
             lr = learning_rate(cfg, state.step)
             window.add(*train_step(x, y, lr))
             update_ema(state.ema, state.model, ema_decay(cfg, state.step))
-            state.step += 1
-            step = state.step
+            step = state.step = state.step + 1
             log.advance()
             if cfg.profile and proc.is_main:
                 profiler.step()
@@ -214,30 +206,25 @@ def train_loop(cfg, state, dataset, proc, log):
 
 
 def next_batch(batches, cfg, state, device):
-    x, y = next(batches)
-    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    x, y = (v.to(device, non_blocking=True) for v in next(batches))
     if cfg.hflip:
-        # Flipped here with a checkpointed generator, not in the data set: that keeps a resumed
-        # run bitwise identical whatever the number of loader workers.
+        # Flipped with a checkpointed generator, not in the data set: exact resume whatever the number of workers.
         flip = torch.rand(x.shape[0], generator=state.flip_gen) < 0.5
         x = torch.where(flip.to(device)[:, None, None, None], x.flip(-1), x)
     return x, y
 
 
 def make_batches(cfg, dataset, step, proc):
-    sampler = ResumableBatchSampler(len(dataset), cfg.batch_size // proc.world, cfg.seed, proc.rank,
-                                    proc.world, start_batch=step)
+    sampler = ResumableBatchSampler(len(dataset), cfg.batch_size // proc.world, cfg.seed, proc.rank, proc.world,
+                                    start_batch=step)
+    # Its own generator: creating the iterator must not draw from the global RNG, or a resumed run would diverge.
     return iter(torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=cfg.workers, pin_memory=proc.device.type == "cuda",
-        persistent_workers=cfg.workers > 0,
-        # its own generator: creating the iterator must not draw from the global RNG, or a
-        # resumed run would diverge
-        generator=torch.Generator().manual_seed(cfg.seed)))
+        persistent_workers=cfg.workers > 0, generator=torch.Generator().manual_seed(cfg.seed)))
 
 
 class Window:
-    """Sums since the last log line, kept on the device: adding a step queues work and never
-    waits for it. `check` reads them, the one host sync, at log, sample and checkpoint steps."""
+    """Sums since the last log line, kept on the device: adding a step never waits; `check` is the one host sync."""
 
     def __init__(self, step):
         self.first, self.n, self.t = step + 1, 0, time.time()
@@ -248,9 +235,8 @@ class Window:
         self.n, self.last_norm = self.n + 1, grad_norm
 
     def check(self, step, cfg):
-        """One NaN or inf anywhere in the window poisons its sums, so one read covers every step
-        since the last log line: nothing non-finite is ever saved. A finite loss with a non-finite
-        gradient norm would still leave NaN weights, hence the norm too."""
+        """One NaN or inf poisons the window's sums, so one read covers every step since the last log line and
+        nothing non-finite is saved. The norm too: a finite loss with a non-finite norm still leaves NaN weights."""
         loss, norm = torch.stack([self.loss / self.n, self.norm.float()]).tolist()
         if not math.isfinite(loss + norm):
             where = f"at step {step}" if self.first == step else f"between steps {self.first} and {step}"
@@ -265,19 +251,16 @@ class Window:
                 "lr": lr, "img_per_s": self.n * batch_size / dt, "elapsed_s": elapsed}
 
 
-class StopFlag:
-    """SIGINT/SIGTERM set `signum`; the loop saves a checkpoint at the end of the step and exits."""
-    signum = None
-
-    def __enter__(self):
-        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def handle(self, signum, frame):
-        self.signum = signum
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
+@contextmanager
+def stop_flag():
+    """SIGINT/SIGTERM set flag["signum"]; the loop saves a checkpoint at the end of the step and exits."""
+    flag = {"signum": None}
+    previous = {sig: signal.signal(sig, lambda signum, frame: flag.update(signum=signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
@@ -305,33 +288,15 @@ def check_flags(cfg, proc):
                           "TRITON_INTERPRET=1 (slow), or use --attn sdpa")
 
 
-# The data set each kind of model learns from (what the model's y is: DiT.conditions_on): class
-# folders, or the captions of metadata.jsonl, without the built-in set's held-out (colour, shape)
-# pairs, so that its samples of them test composition.
-DATASETS = {"labels": ImageFolder, "captions": CaptionFolder}
-
-
 def load_data(cfg, proc):
+    """What the model's y is (DiT.conditions_on) picks the data: class folders, or the captions of metadata.jsonl
+    without the built-in set's held-out (colour, shape) pairs, so that its samples of them test composition."""
     if not cfg.data:
         on_rank0(proc, prepare_builtin_data, BUILTIN_DATA)  # the other ranks wait for it
-    dataset = DATASETS[dit.MODELS[cfg.model].func.conditions_on](cfg.data or BUILTIN_DATA, cfg.image_size)
+    folder = {"labels": ImageFolder, "captions": CaptionFolder}[dit.MODELS[cfg.model].func.conditions_on]
+    dataset = folder(cfg.data or BUILTIN_DATA, cfg.image_size)
     check_batch_size(dataset, cfg.batch_size)
     return dataset
-
-
-def grid_prompts(dataset):
-    """What a text run's sample grids draw, one row each: on the built-in shapes, each shape once,
-    alternately in its held-out colour (never seen in training) and in a colour it was seen in;
-    on other data, the first 8 different captions."""
-    if not any(dataset.pairs):
-        return list(dict.fromkeys(dataset.captions))[:8]
-    seen = {pair for pair in dataset.pairs if pair}
-    prompts = []
-    for i, (colour, shape) in enumerate(TEXT_HOLDOUT):
-        if i % 2:  # (no colour at all if the data never showed this shape)
-            colour = next((c for c in COLOUR_NAMES if (c, shape) in seen), None)
-        prompts.append(shape_prompt(shape, colour))
-    return prompts
 
 
 @dataclasses.dataclass
@@ -354,9 +319,9 @@ class TrainState:
         return self.wall_before + time.time() - self.session_start
 
 
-# The flags that define the network (as dit.DiT's arguments: flag -> argument) and its noise process
-# (dit.make_diffusion's). The checkpoint keeps them, so sample.py needs no flags, and a resumed run
-# may not change them. The loss and its weighting may change: saved too, but only training uses them.
+# The flags that define the network (flag -> dit.DiT's argument) and its noise process (dit.make_diffusion's): the
+# checkpoint keeps them, so sample.py needs no flags, and a resumed run may not change them. The loss and its
+# weighting may change: saved too, but only training uses them.
 MODEL_ARGS = {"model": "name", "image_size": "input_size", "learn_sigma": "learn_sigma",
               "class_dropout": "class_dropout_prob", "conditioning": "conditioning"}
 DIFFUSION_ARGS = ("objective", "schedule", "prediction", "learn_sigma", "noise_shift")
@@ -371,11 +336,9 @@ def build_state(cfg, classes, proc):
         model_args["caption_dropout_prob"] = model_args.pop("class_dropout_prob")
         model_args["caption_pool"] = "mlp_then_mean"  # stored: older text runs pooled the other way
     diffusion_args = {key: getattr(cfg, key) for key in (*DIFFUSION_ARGS, "loss_weighting", "loss")}
-    model = build_model(model_args, attn_backend=cfg.attn, grad_checkpointing=cfg.grad_checkpointing)
-    model.to(proc.device)
+    model = build_model(model_args, attn_backend=cfg.attn, grad_checkpointing=cfg.grad_checkpointing).to(proc.device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    # Fused: one kernel for every parameter, on a GPU and on a CPU alike (on a CPU the default
-    # loops over the tensors, one small kernel each).
+    # Fused: one kernel for every parameter, on a CPU too (where the default runs one small kernel per tensor).
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay, fused=True)
     flip_gen = torch.Generator().manual_seed(cfg.seed + 1_000_003 * proc.rank)
@@ -391,8 +354,7 @@ def build_model(model_args, **options):
 
 
 def load_weights(model, weights):
-    """model.load_state_dict(weights), but weights of another layout (a checkpoint saved by an
-    older dit.py: text runs before the word-level encoder) are a one-line error."""
+    """model.load_state_dict(weights), but weights of another layout (an older dit.py's) are a one-line error."""
     ours, theirs = set(model.state_dict()), set(weights)
     if ours != theirs:
         odd = sorted(ours ^ theirs)
@@ -444,8 +406,7 @@ def resume(cfg, state, proc):
 
 
 def save(cfg, state, proc):
-    """Every rank sends its RNG states (each resumes its own stream), rank 0 writes; an error there
-    (a full disk) stops every rank."""
+    """Every rank sends its RNG states (each resumes its own stream); rank 0 writes, its error stops every rank."""
     mine = {"cpu": torch.get_rng_state(), "flip": state.flip_gen.get_state(),
             "cuda": torch.cuda.get_rng_state(proc.device) if proc.device.type == "cuda" else None}
     rng = [mine] * proc.world  # every rank's, in rank order, once gathered
@@ -499,8 +460,7 @@ METRIC_COLUMNS = ["step", "loss", "mse", "grad_norm", "lr", "img_per_s", "elapse
 
 
 def open_metrics(path, step):
-    """Open metrics.csv for appending, first dropping rows a killed run wrote past `step` (and
-    rows that do not parse, with a warning)."""
+    """Open metrics.csv to append, minus rows a killed run wrote past `step` and (warning) rows that don't parse."""
     rows, bad = [], 0
     if path.exists():
         with open(path, newline="") as f:
@@ -521,8 +481,7 @@ def open_metrics(path, step):
 
 
 class RunLog:
-    """What rank 0 writes while training: progress bar, log lines, metrics.csv, TensorBoard,
-    config.json and sample grids. On the other ranks every method does nothing."""
+    """Rank 0's progress bar, log lines, metrics.csv, TensorBoard, config.json and grids; on other ranks, nothing."""
 
     def __init__(self, cfg, state, num_images, proc):
         self.on, self.out, self.device = proc.is_main, Path(cfg.out), proc.device
@@ -538,14 +497,9 @@ class RunLog:
         write_graph(self.writer, state.ema, state.prompts or state.classes)
         self.bar = tqdm(total=cfg.steps, initial=state.step, dynamic_ncols=True)
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        if self.on:
-            self.bar.close()
-            self.writer.close()
-            self.metrics.close()
+    def close(self):
+        for part in (self.bar, self.writer, self.metrics) if self.on else ():
+            part.close()
 
     def advance(self):
         if self.on:
@@ -568,19 +522,12 @@ class RunLog:
                           self.out, self.writer, step)
 
 
-def grid_condition(model, names, device):
-    """The sample grid's rows as the model takes them, 8 samples each: (8 L,) class indices, or
-    (8 L, T) a text model's prompts as tokens."""
-    return model.conditions(names).repeat_interleave(8, 0).to(device)
-
-
 def write_graph(writer, model, names):
-    """The network in TensorBoard's Graphs tab, traced once at the start on a batch of two zero images
-    (no random numbers drawn: exact resume holds). A model the tracer cannot follow is written as
-    text instead, with a one-line warning; training goes on either way."""
+    """The network in TensorBoard's Graphs tab, traced once at the start on two zero images (no random numbers
+    drawn: exact resume holds). One the tracer cannot follow is written as text, with a one-line warning."""
     s, device = model.input_size, next(model.parameters()).device
     x = torch.zeros(2, model.in_channels, s, s, device=device)
-    t, y = torch.zeros(2, dtype=torch.long, device=device), grid_condition(model, names, device)[:2]
+    t, y = torch.zeros(2, dtype=torch.long, device=device), model.conditions(names)[[0, 0]].to(device)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the tracer's warnings about Python control flow
@@ -592,11 +539,10 @@ def write_graph(writer, model, names):
 
 
 def write_samples(ema, diffusion, cfg, classes, device, out, writer, step):
-    """samples/step_N.png, enlarged for people, and step_N_raw.png at the images' own size: row c
-    holds samples 0-7 of class c (or of a text run's prompt c) exactly as `python sample.py --label
-    c` (--prompt "...") draws them with this run's --sample-steps, --cfg-scale, --cfg-interval,
-    --cfg-colour-scale and --precision (one path, dit.draw, and sample.py's default seed)."""
-    y = grid_condition(ema, classes, device)                                        # (8 L,), row-major
+    """samples/step_N.png, enlarged for people, and step_N_raw.png at the images' own size: row c holds samples
+    0-7 of class c (or of a text run's prompt c) exactly as `python sample.py --label c` (--prompt "...") draws
+    them with this run's --sample-steps, --cfg-* and --precision (one path, dit.draw, sample.py's default seed)."""
+    y = ema.conditions(classes).repeat_interleave(8, 0).to(device)  # (8 L,) labels or (8 L, T) tokens, row-major
     guided = cfg.class_dropout > 0  # no null condition, no guidance
     with autocast(cfg, device):
         for x in dit.draw(ema, diffusion, y, list(range(8)) * len(classes), SampleConfig.seed,
@@ -606,8 +552,7 @@ def write_samples(ema, diffusion, cfg, classes, device, out, writer, step):
     (out / "samples").mkdir(exist_ok=True)
     name = out / "samples" / f"step_{step:07d}"
     writer.add_image("samples/ema", save_grid(dit.to_unit(x), f"{name}.png", 8, raw=f"{name}_raw.png"), step)
-    # What the network outputs for fresh noise x_T at the noisiest timestep: a collapse to zero or
-    # a blow-up shows here before it shows in the samples.
+    # The output for fresh noise at the noisiest timestep: a collapse to zero or a blow-up shows before the samples.
     noise = torch.randn(8, *x.shape[1:], device=device, generator=torch.Generator(device).manual_seed(step))
     t = torch.full((8,), diffusion.num_timesteps - 1, device=device)
     with torch.no_grad():
@@ -616,9 +561,8 @@ def write_samples(ema, diffusion, cfg, classes, device, out, writer, step):
 
 
 def save_grid(images, path, nrow, zoom=None, raw=None):
-    """A grid of images in [0, 1], `nrow` to a row, saved enlarged by `zoom` (by default to at least
-    512 px wide) for people; also at its own size to `raw`, for programs. Returns the enlarged grid.
-    Nearest-pixel enlargement: a smooth filter would blur the very pixels one wants to judge."""
+    """A grid of images in [0, 1], `nrow` to a row, returned and saved enlarged by `zoom` (default: to 512 px wide or
+    more) with nearest pixels, as a smooth filter blurs the very pixels one judges; also saved as it is to `raw`."""
     import torchvision.utils
     grid = torchvision.utils.make_grid(images, nrow=nrow, padding=1)
     if raw:
@@ -630,8 +574,7 @@ def save_grid(images, path, nrow, zoom=None, raw=None):
 
 
 # =============================================================================
-# Appendix: what keeps runs safe. The run directory and its lock, checkpoint files, the data
-# order, and the processes of a DDP run.
+# Appendix: what keeps runs safe (run directory lock, checkpoint files, DDP processes), benchmark, command line
 # =============================================================================
 
 # -----------------------------------------------------------------------------
@@ -659,8 +602,7 @@ def claimed(out):
 
 
 def make_out_dir(out, what):
-    """Create --out, a directory for `what` (train.py's run, sample.py's images), or say in one
-    line why it cannot be."""
+    """Create --out, a directory for `what` (train.py's run, sample.py's images), or say in one line why not."""
     path = Path(out)
     if not out:
         raise ConfigError(f"--out is empty: name a directory for {what}")
@@ -677,9 +619,8 @@ def make_out_dir(out, what):
 
 @contextmanager
 def locked(path, busy=None):
-    """An exclusive flock() on `path`, which holds the owner's pid. The kernel drops the lock when
-    its process dies, however it dies, so a killed run never blocks a restart. busy(pid) makes the
-    error when the lock is taken; without it, wait for the lock."""
+    """An exclusive flock() on `path`, which holds the owner's pid. The kernel drops it when its process dies,
+    however it dies, so a killed run never blocks a restart. busy(pid) makes the error if it is taken, else wait."""
     import fcntl  # POSIX only, and only here: sample.py imports this file on any platform
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -695,8 +636,7 @@ def locked(path, busy=None):
 
 
 def prepare_builtin_data(root, **settings):
-    """Generate the built-in set once, even when two first runs start together: the second waits
-    on the lock, then finds the set complete."""
+    """Generate the built-in set once, even if two first runs start together: the second waits, then finds it."""
     root = Path(root)
     root.parent.mkdir(parents=True, exist_ok=True)
     with locked(root.parent / f".{root.name}.lock"):
@@ -708,31 +648,25 @@ def prepare_builtin_data(root, **settings):
 # -----------------------------------------------------------------------------
 
 CHECKPOINT_NAME = re.compile(r"step_(\d{7}|[1-9]\d{7,})\.pt")  # checkpoint_name(): 7 digits, or more without a 0 first
-CHECKPOINT_KEYS = ("model", "ema", "opt", "step", "wall_time", "rng", "config", "model_args",
-                   "diffusion_args", "classes")
+CHECKPOINT_KEYS = ("model", "ema", "opt", "step", "wall_time", "rng", "config", "model_args", "diffusion_args",
+                   "classes")
 
 
 def checkpoint_name(step):
     return f"step_{step:07d}.pt"
 
 
-def checkpoints_in(folder):
-    """The checkpoints the trainer wrote in `folder`, highest step first. Only the names it writes
-    count: a user's `step_best.pt` or `step_0000012 copy.pt` is never loaded, and never pruned."""
-    found = [(int(match[1]), path) for path in Path(folder).glob("step_*.pt")
+def checkpoint_files(run_dir, folder="checkpoints"):
+    """The checkpoints the trainer wrote in run_dir/folder, highest step first. Only the names it writes count: a
+    user's `step_best.pt` or `step_0000012 copy.pt` is never loaded, and never pruned."""
+    found = [(int(match[1]), path) for path in Path(run_dir, folder).glob("step_*.pt")
              if (match := CHECKPOINT_NAME.fullmatch(path.name)) and path.is_file()]
     return [path for _, path in sorted(found, reverse=True)]
 
 
-def checkpoint_files(run_dir):
-    """Checkpoint files of a run, newest first."""
-    return checkpoints_in(Path(run_dir, "checkpoints"))
-
-
 def save_checkpoint(state, run_dir, keep_every=0):
-    """Write to a temporary file, fsync, then rename: a kill at any point leaves either the old
-    set of checkpoints or the new one, never a half-written newest file. Keeps the two newest
-    (so a damaged newest one still has a fallback) and every multiple of keep_every."""
+    """Write a temporary file, fsync, rename: a kill at any point leaves the old set of checkpoints or the new one,
+    never a half-written file. Keeps the two newest (a damaged one has a fallback) and each multiple of keep_every."""
     ckpt_dir = Path(run_dir, "checkpoints")
     path = ckpt_dir / checkpoint_name(state["step"])
     tmp = ckpt_dir / (path.name + ".tmp")
@@ -748,16 +682,14 @@ def save_checkpoint(state, run_dir, keep_every=0):
         raise CheckpointError(f"could not write {path} ({err.strerror or err}); the older checkpoints "
                               f"are intact: free some space and run again to resume") from None
     for old in checkpoint_files(run_dir)[2:]:
-        step = int(CHECKPOINT_NAME.fullmatch(old.name)[1])
-        if not (keep_every and step % keep_every == 0):
+        if not (keep_every and int(CHECKPOINT_NAME.fullmatch(old.name)[1]) % keep_every == 0):
             old.unlink()
     return path
 
 
 def read_checkpoint(path):
-    """One file, loaded with weights_only=True: tensors, numbers, strings, lists and dicts only, so
-    a shared file can never run code on this machine (a full pickle can). Onto the CPU: the caller
-    moves what it needs. Keys beyond CHECKPOINT_KEYS (older files' "data_batches") are ignored."""
+    """One file, onto the CPU, with weights_only=True: tensors, numbers, strings, lists and dicts only, so a shared
+    file can never run code here (a full pickle can). Keys beyond CHECKPOINT_KEYS (old "data_batches") are ignored."""
     try:
         with warnings.catch_warnings():  # torch's own notes on refused files: our message says it
             warnings.simplefilter("ignore")
@@ -777,8 +709,8 @@ def read_checkpoint(path):
 
 
 def upgrade_checkpoint(state):
-    """Every rule for checkpoints that older versions of this repo wrote, in one place: what they
-    lack is filled in as those versions meant it, so the rest of the code knows one layout."""
+    """Every rule for older versions' checkpoints, in one place: what they lack is filled in as those versions
+    meant it, so the rest of the code knows one layout."""
     state["config"] = {"conditioning": "adaln-zero", "noise_shift": 1.0, "objective": "ddpm",  # before these
                        **state["config"]}                                                    # flags existed
     if not isinstance(state["rng"], list):  # saved before DDP runs kept every rank's streams: rank 0's
@@ -791,56 +723,28 @@ def upgrade_checkpoint(state):
                 weights[name.replace(".spell.0.", ".spell.")] = weights.pop(name)
             if "pos_embed" not in weights and "x_embedder.proj.weight" in weights:  # a buffer, not stored
                 width, _, patch, _ = weights["x_embedder.proj.weight"].shape
-                grid = args["input_size"] // patch
-                weights["pos_embed"] = dit.sincos_pos_embed_2d(width, grid)[None]
+                weights["pos_embed"] = dit.sincos_pos_embed_2d(width, args["input_size"] // patch)[None]
     return state
 
 
 def load_checkpoint(path):
-    """Load a checkpoint file, or a run directory's newest readable one (falling back past a
-    damaged file with a warning). The one loader: train.py resumes with it, sample.py samples."""
+    """A checkpoint file, or a run directory's newest readable one (falling back past a damaged file with a
+    warning). The one loader: train.py resumes with it, sample.py samples."""
     path = Path(path)
     if path.is_file():
         return read_checkpoint(path)
     if not path.is_dir():
         raise CheckpointError(f"{path} does not exist: run `python train.py` first, or pass --ckpt")
-    candidates = checkpoint_files(path) or checkpoints_in(path)  # a run, or its checkpoints/ folder
+    candidates = checkpoint_files(path) or checkpoint_files(path, ".")  # a run, or its checkpoints/ folder
     if not candidates:
         raise CheckpointError(f"no checkpoint in {path}/checkpoints (step_NNNNNNN.pt) yet: "
                               f"run `python train.py --out {path}` first")
-    for i, candidate in enumerate(candidates):
+    for candidate, fallback in zip(candidates, candidates[1:]):
         try:
             return read_checkpoint(candidate)
         except CheckpointError as err:
-            if i + 1 == len(candidates):
-                raise
-            warnings.warn(f"{err}; falling back to {candidates[i + 1]}")
-
-
-# -----------------------------------------------------------------------------
-# Data order: a shuffled, sharded, resumable stream of batches
-# -----------------------------------------------------------------------------
-
-class ResumableBatchSampler:
-    """Batch k of the run is a pure function of (seed, k): epoch e shuffles with seed + e, each rank
-    takes every world-th index (a distributed sampler), and a resumed run simply starts at batch k."""
-
-    def __init__(self, num_items, batch_size, seed, rank, world_size, start_batch=0):
-        self.per_rank = num_items // world_size
-        self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world_size
-        self.batches_per_epoch = self.per_rank // batch_size  # the ragged last batch is dropped
-        self.num_items, self.start_batch = num_items, start_batch
-
-    def __iter__(self):
-        batch, order_epoch, order = self.start_batch, None, None
-        while True:
-            epoch, k = divmod(batch, self.batches_per_epoch)
-            if epoch != order_epoch:
-                gen = torch.Generator().manual_seed(self.seed + epoch)
-                order = torch.randperm(self.num_items, generator=gen)[self.rank::self.world]
-                order_epoch = epoch
-            yield order[k * self.batch_size:(k + 1) * self.batch_size].tolist()
-            batch += 1
+            warnings.warn(f"{err}; falling back to {fallback}")
+    return read_checkpoint(candidates[-1])
 
 
 # -----------------------------------------------------------------------------
@@ -867,11 +771,11 @@ class Process:
 @contextmanager
 def distributed(device_name):
     """DDP turns on when torchrun put RANK in the environment; plain `python train.py` is one process."""
+    device = resolve_device(device_name)
     if "RANK" not in os.environ:
-        yield Process(0, 1, resolve_device(device_name))
+        yield Process(0, 1, device)
         return
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    device = resolve_device(device_name)
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
@@ -879,16 +783,16 @@ def distributed(device_name):
     try:  # NCCL only moves device tensors; the host-side messages go over gloo
         proc = Process(rank, world, device, dist.new_group(backend="gloo") if device.type == "cuda" else None)
         yield proc
-        # Every rank tears down together: a rank that destroys its group while rank 0 still writes
-        # the final grid can abort in gloo's teardown ("terminate called without an active exception").
+        # Every rank tears down together: one that destroys its group while rank 0 still writes the final grid
+        # can abort in gloo's teardown ("terminate called without an active exception").
         dist.barrier(group=proc.group)
     finally:
         dist.destroy_process_group()
 
 
 def on_rank0(proc, fn, *args):
-    """fn(*args) on rank 0 alone (the one that writes), its error shared with every rank: all stop
-    together instead of the others waiting forever in a collective that rank 0 never joins."""
+    """fn(*args) on rank 0 alone (the one that writes), its error shared with every rank: all stop together
+    instead of the others waiting forever in a collective that rank 0 never joins."""
     result, error = None, None
     if proc.is_main:
         try:
@@ -906,8 +810,8 @@ def on_rank0(proc, fn, *args):
 
 
 def agree_on_stop(signum, proc):
-    """The signal any rank has seen (or None): every rank stops at the same step, so none is left
-    waiting in an all-reduce the others never join. A host-side message, no device sync."""
+    """The signal any rank has seen (or None): every rank stops at the same step, so none is left waiting in an
+    all-reduce the others never join. A host-side message, no device sync."""
     if proc.world == 1:
         return signum
     seen = torch.tensor([signum or 0])
@@ -918,9 +822,6 @@ def agree_on_stop(signum, proc):
 # -----------------------------------------------------------------------------
 # Benchmark: images/s, ms/step, memory and MFU on random data
 # -----------------------------------------------------------------------------
-
-BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H100 PCIe": 756.0, "A100": 312.0, "L4": 121.0}
-
 
 def time_steps(train_step, x, y, lr, device, count):
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *_: None)
@@ -944,9 +845,8 @@ def benchmark(cfg, proc):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     time_steps(train_step, x, y, cfg.lr, device, warmup)
-    profiler = torch.profiler.profile(on_trace_ready=torch.profiler.tensorboard_trace_handler(
-        str(Path(cfg.out, "profile")))) if cfg.profile else nullcontext()
-    with profiler:
+    with torch.profiler.profile(on_trace_ready=torch.profiler.tensorboard_trace_handler(
+            str(Path(cfg.out, "profile")))) if cfg.profile else nullcontext():
         dt = time_steps(train_step, x, y, cfg.lr, device, timed)
     if device.type == "cuda":
         mem = torch.cuda.max_memory_allocated(device) / 2**30
@@ -956,9 +856,10 @@ def benchmark(cfg, proc):
     with torch.device("meta"):  # the paper's count of the forward pass, on no memory
         gmacs = dit.forward_gmacs(build_model(state.model_args))
     achieved = 3 * 2 * gmacs * batch / dt / 1e3  # TFLOP/s: 2 flops a multiply-add; backward ~ twice the forward
+    peaks = {"H100": 989.0, "H200": 989.0, "H100 PCIe": 756.0, "A100": 312.0, "L4": 121.0}  # bf16 TFLOP/s
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    known = [k for k in BF16_PEAK_TFLOPS if k in name]
-    peak = BF16_PEAK_TFLOPS[max(known, key=len)] if known else None  # the longest match: "H100 PCIe"
+    known = [k for k in peaks if k in name]
+    peak = peaks[max(known, key=len)] if known else None  # the longest match: "H100 PCIe"
     mfu = f" | MFU {100 * achieved / peak:.1f}% of {peak:.0f}" if peak else ""
     print(f"benchmark | {cfg.model} {s}px | batch {batch} | attn {cfg.attn} | "
           f"{'bf16' if use_bf16(cfg, device) else 'fp32'} | compile {'on' if cfg.compile else 'off'} | "
