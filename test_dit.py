@@ -3112,6 +3112,16 @@ def test_a_non_finite_gradient_norm_stops_the_run_though_the_loss_is_finite(bad,
 # Sampling (sample.py)
 # -----------------------------------------------------------------------------
 
+def test_sample_and_evaluate_start_on_a_platform_without_fcntl():
+    """Windows has no fcntl: only train.py's run-directory lock needs it, so sample.py and
+    assets/evaluate.py, which import train.py, must import without it."""
+    code = ("import sys; sys.modules['fcntl'] = None; sys.path[:0] = ['.', 'assets']; "  # None: ImportError
+            "import sample, evaluate; print('imported')")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "imported", proc.stderr[-2000:]
+
+
 def test_sample_writes_grid_and_one_file_per_sample(tiny_run, tmp_path, capsys):
     images = run_sample(tiny_run[0], tmp_path, "--label", "0", "star", "--show-steps")
     assert images.shape == (4, 3, 16, 16)
