@@ -1137,6 +1137,21 @@ def test_clip_denoised_clamps_x0_and_the_step_follows_the_clamped_x0():
 # Flow matching (RectifiedFlow)
 # -----------------------------------------------------------------------------
 
+def test_both_processes_share_one_sampling_interface_and_flow_refuses_eta():
+    """sample() is written once (DiffusionProcess) and takes the same explicit arguments for both;
+    flow matching's samplers integrate an ODE, so DDIM's eta is refused in one line, not ignored."""
+    noise = torch.randn(2, 3, 4, 4)
+    model_fn = lambda x, t: 0.5 * x  # noqa: E731
+    for process in (dit.GaussianDiffusion(learn_sigma=False), dit.RectifiedFlow()):
+        assert type(process).sample is dit.DiffusionProcess.sample
+        out = process.sample(model_fn, noise, steps=3, sampler=None, eta=0.0, generator=torch.Generator())
+        assert out.shape == noise.shape and torch.isfinite(out).all()
+        with pytest.raises(ValueError, match=r"unknown sampler 'nope'; choose"):
+            process.sample(model_fn, noise, steps=3, sampler="nope")
+    with pytest.raises(ValueError, match=r"^eta 0.5: flow matching's samplers integrate an ODE and add no noise; use eta 0$"):
+        dit.RectifiedFlow().sample(model_fn, noise, steps=3, eta=0.5)
+
+
 def test_flow_interpolates_and_regresses_the_velocity():
     torch.manual_seed(0)
     x0, noise = torch.rand(4, 3, 8, 8) * 2 - 1, torch.randn(4, 3, 8, 8)
