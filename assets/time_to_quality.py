@@ -50,6 +50,8 @@ def plot(curves, out):
         minutes = [wall / 60 for _, wall, _ in points]
         left.plot(minutes, [100 * r["recognised"] for *_, r in points], marker="o", label=run)
         right.plot(minutes, [r["fd"] for *_, r in points], marker="o", label=run)
+    left.axhline(95, color="grey", linestyle="--", linewidth=1)   # the targets: 95% recognised ...
+    right.axhline(3.0, color="grey", linestyle="--", linewidth=1)  # ... and FD at most 3.0
     left.set(xlabel="training time (min)", ylabel="recognised (%)", ylim=(0, 100))
     right.set(xlabel="training time (min)", ylabel="feature FD (lower is better)", yscale="log")
     for ax in (left, right):
