@@ -2390,6 +2390,14 @@ def test_weight_decay_shrinks_every_weight_by_lr_times_decay():
         torch.testing.assert_close(q.detach() - p.detach(), -lr * wd * before[name], rtol=1e-3, atol=1e-8)
 
 
+@pytest.mark.parametrize("beta2", [0.95, 0.999])
+def test_adam_beta2_sets_the_second_moment_average(beta2):
+    """After one step Adam's second moment is (1 - beta2) g^2: --adam-beta2 reaches the optimizer."""
+    state, *_ = one_train_step(TrainConfig(**SMALL, adam_beta2=beta2))
+    for _, p in trained(state):
+        torch.testing.assert_close(state.opt.state[p]["exp_avg_sq"], (1 - beta2) * p.grad ** 2, rtol=1e-5, atol=1e-12)
+
+
 def test_grad_accum_makes_the_same_update_as_one_batch():
     one, _, _, loss_one, _ = one_train_step(accumulating(1), lr=1e-3, batch=gaussian_batch(100))
     four, _, _, loss_four, _ = one_train_step(accumulating(4), lr=1e-3, batch=gaussian_batch(100))

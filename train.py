@@ -340,7 +340,7 @@ def build_state(cfg, classes, proc):
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     # Fused: one kernel for every parameter, on a CPU too (where the default runs one small kernel per tensor).
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                            weight_decay=cfg.weight_decay, fused=True)
+                            betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay, fused=True)
     flip_gen = torch.Generator().manual_seed(cfg.seed + 1_000_003 * proc.rank)
     torch.manual_seed(cfg.seed + proc.rank)  # per-rank noise and timesteps
     return TrainState(model, ema, opt, dit.make_diffusion(**diffusion_args), flip_gen, model_args,
@@ -712,7 +712,7 @@ def upgrade_checkpoint(state):
     """Every rule for older versions' checkpoints, in one place: what they lack is filled in as those versions
     meant it, so the rest of the code knows one layout."""
     state["config"] = {"conditioning": "adaln-zero", "noise_shift": 1.0, "objective": "ddpm",  # before these
-                       **state["config"]}                                                    # flags existed
+                       "adam_beta2": 0.999, **state["config"]}                               # flags existed
     if not isinstance(state["rng"], list):  # saved before DDP runs kept every rank's streams: rank 0's
         state["rng"] = [state["rng"]]
     args = state["model_args"]

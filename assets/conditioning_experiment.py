@@ -35,7 +35,7 @@ PAPER = {"in-context": (449, 119.37, 35.24), "cross-attn": (598, 137.62, 26.14),
          "adaln": (600, 118.56, 25.21), "adaln-zero": (675, 118.64, 19.47)}
 
 
-CPU_RECIPE = ["--image-size", "16", "--model", "DiT-Ti/4", "--prediction", "v", "--noise-shift", "1"]
+CPU_RECIPE = ["--image-size", "16", "--model", "DiT-Ti/4", "--prediction", "v", "--noise-shift", "1", "--adam-beta2", "0.999"]
 
 
 def train_design(design, args, train_argv):
