@@ -9,7 +9,8 @@ seed and the same number of steps, then judged by the same classifier (assets/ev
     python assets/conditioning_experiment.py --steps 20 --num 4 --runs /tmp/cond --out /tmp/cond  # smoke
 
 On the cpu preset every design trains the earlier 16 px recipe (CPU_RECIPE below: DiT-Ti/4 in
-4 x 4 patches, v-prediction, unshifted schedule), the one the README's table was measured with.
+4 x 4 patches, v-prediction, unshifted schedule, AdamW beta2 0.999), the one the README's table was
+measured with.
 Any other flag goes to every train.py run (e.g. --batch-size 64). Writes <out>/conditioning.md (a
 table: parameters, GMACs per image, final loss, share of samples recognised, training time) and
 <out>/conditioning_<design>.png (one row per class, enlarged). Runs go to <runs>/<design>; a run
@@ -35,7 +36,8 @@ PAPER = {"in-context": (449, 119.37, 35.24), "cross-attn": (598, 137.62, 26.14),
          "adaln": (600, 118.56, 25.21), "adaln-zero": (675, 118.64, 19.47)}
 
 
-CPU_RECIPE = ["--image-size", "16", "--model", "DiT-Ti/4", "--prediction", "v", "--noise-shift", "1", "--adam-beta2", "0.999"]
+CPU_RECIPE = ["--image-size", "16", "--model", "DiT-Ti/4", "--prediction", "v", "--noise-shift", "1",
+              "--adam-beta2", "0.999"]
 
 
 def train_design(design, args, train_argv):
