@@ -2212,6 +2212,7 @@ def test_config_presets_apply_before_overrides():
     (["--workers", "-1"], "argument --workers: expected an integer >= 0, got '-1'"),
     (["--class-dropout", "1.5"], "argument --class-dropout: expected a number in [0, 1), got '1.5'"),
     (["--ema-decay", "inf"], "argument --ema-decay: expected a number in [0, 1], got 'inf'"),
+    (["--adam-beta2", "1"], "argument --adam-beta2: expected a number in [0, 1), got '1'"),
     (["--noise-shift", "0"], "argument --noise-shift: expected a number in [0.1, 100], got '0'"),
     (["--seed", "1e30"], "argument --seed: expected an integer in [0, 4294967295], got '1e30'"),
     (["--prediction", "x"], "argument --prediction: invalid choice: 'x'"),
@@ -2395,7 +2396,8 @@ def test_adam_beta2_sets_the_second_moment_average(beta2):
     """After one step Adam's second moment is (1 - beta2) g^2: --adam-beta2 reaches the optimizer."""
     state, *_ = one_train_step(TrainConfig(**SMALL, adam_beta2=beta2))
     for _, p in trained(state):
-        torch.testing.assert_close(state.opt.state[p]["exp_avg_sq"], (1 - beta2) * p.grad ** 2, rtol=1e-5, atol=1e-12)
+        torch.testing.assert_close(state.opt.state[p]["exp_avg_sq"], (1 - beta2) * p.grad ** 2,
+                                   rtol=1e-5, atol=1e-12)
 
 
 def test_grad_accum_makes_the_same_update_as_one_batch():
@@ -2944,6 +2946,18 @@ def test_weights_of_an_older_layout_are_a_one_line_error():
     fresh = tiny_text_model()
     train.load_weights(fresh, randomize(model).state_dict())
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+
+
+def test_a_checkpoint_from_before_adam_beta2_reads_as_the_beta2_it_was_trained_with(tiny_data, tmp_path):
+    """Runs saved before --adam-beta2 existed trained with PyTorch's 0.999, not today's default."""
+    out = tmp_path / "old"
+    train.main(tiny_args(tiny_data, out, 2))
+    path = train.checkpoint_files(out)[0]
+    saved = torch.load(path, weights_only=True)
+    assert saved["config"]["adam_beta2"] == TrainConfig.adam_beta2 != 0.999
+    del saved["config"]["adam_beta2"]
+    torch.save(saved, path)
+    assert train.load_checkpoint(out)["config"]["adam_beta2"] == 0.999
 
 
 def test_an_older_text_checkpoint_pools_as_it_was_trained(tiny_data, tmp_path):
