@@ -9,7 +9,7 @@ seed and the same number of steps, then judged by the same classifier (assets/ev
     python assets/conditioning_experiment.py --steps 20 --num 4 --runs /tmp/cond --out /tmp/cond  # smoke
 
 On the cpu preset every design trains the earlier 16 px recipe (CPU_RECIPE below: DiT-Ti/4 in
-4 x 4 patches, v-prediction, unshifted schedule, AdamW beta2 0.999), the one the README's table was
+4 x 4 patches, v-prediction, unshifted schedule, AdamW beta2 0.999, lr 2e-3 with 100 warm-up steps), the one the README's table was
 measured with.
 Any other flag goes to every train.py run (e.g. --batch-size 64). Writes <out>/conditioning.md (a
 table: parameters, GMACs per image, final loss, share of samples recognised, training time) and
@@ -37,7 +37,7 @@ PAPER = {"in-context": (449, 119.37, 35.24), "cross-attn": (598, 137.62, 26.14),
 
 
 CPU_RECIPE = ["--image-size", "16", "--model", "DiT-Ti/4", "--prediction", "v", "--noise-shift", "1",
-              "--adam-beta2", "0.999"]
+              "--adam-beta2", "0.999", "--lr", "2e-3", "--warmup-steps", "100"]
 
 
 def train_design(design, args, train_argv):
