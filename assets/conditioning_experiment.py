@@ -9,8 +9,8 @@ seed and the same number of steps, then judged by the same classifier (assets/ev
     python assets/conditioning_experiment.py --steps 20 --num 4 --runs /tmp/cond --out /tmp/cond  # smoke
 
 On the cpu preset every design trains the earlier 16 px recipe (CPU_RECIPE below: DiT-Ti/4 in
-4 x 4 patches, v-prediction, unshifted schedule, AdamW beta2 0.999, lr 2e-3 with 100 warm-up steps), the one the README's table was
-measured with.
+4 x 4 patches, v-prediction, unshifted schedule, AdamW beta2 0.999, lr 2e-3 with 100 warm-up
+steps), the one the README's table was measured with.
 Any other flag goes to every train.py run (e.g. --batch-size 64). Writes <out>/conditioning.md (a
 table: parameters, GMACs per image, final loss, share of samples recognised, training time) and
 <out>/conditioning_<design>.png (one row per class, enlarged). Runs go to <runs>/<design>; a run
