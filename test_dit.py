@@ -2285,10 +2285,10 @@ def test_learning_rate_warms_up_then_decays_to_a_tenth_of_the_peak():
 
 def test_ema_decay_warms_up_to_its_ceiling():
     cfg = TrainConfig(ema_decay=0.9)
-    # (1 + step) / (10 + step) until it reaches --ema-decay: early on the average forgets the
+    # (1 + step) / (20 + step) until it reaches --ema-decay: early on the average forgets the
     # random initialisation quickly.
-    assert [train.ema_decay(cfg, s) for s in (0, 10, 70, 89, 10**6)] == pytest.approx(
-        [0.1, 11 / 20, 71 / 80, 0.9, 0.9], rel=1e-12)
+    assert [train.ema_decay(cfg, s) for s in (0, 10, 70, 169, 170, 10**6)] == pytest.approx(
+        [1 / 20, 11 / 30, 71 / 90, 170 / 189, 0.9, 0.9], rel=1e-12)
 
 
 def test_update_ema_is_the_closed_form_weighted_average():
@@ -2297,13 +2297,13 @@ def test_update_ema_is_the_closed_form_weighted_average():
     ema, model = nn.Linear(3, 2), nn.Linear(3, 2)
     start = [p.detach().double().clone() for p in ema.parameters()]
     cfg, gen, seen = TrainConfig(ema_decay=0.3), torch.Generator().manual_seed(0), []
-    for step in range(6):
+    for step in range(10):
         with torch.no_grad():
             for p in model.parameters():
                 p.copy_(torch.randn(p.shape, generator=gen))
         seen.append([p.detach().double().clone() for p in model.parameters()])
         train.update_ema(ema, model, train.ema_decay(cfg, step))
-    decays = [0.1, 2 / 11, 0.25, 0.3, 0.3, 0.3]  # min(0.3, (1 + k) / (10 + k))
+    decays = [1 / 20, 2 / 21, 3 / 22, 4 / 23, 5 / 24, 6 / 25, 7 / 26, 8 / 27, 0.3, 0.3]  # min(0.3, (1 + k) / (20 + k))
     for i, p in enumerate(ema.parameters()):
         expected = math.prod(decays) * start[i] + sum(
             (1 - d) * math.prod(decays[j + 1:]) * w[i] for j, (d, w) in enumerate(zip(decays, seen)))

@@ -144,8 +144,10 @@ def learning_rate(cfg, step):
 
 
 def ema_decay(cfg, step):
-    """Warmed up: early on, the average must forget the random initialisation quickly."""
-    return min(cfg.ema_decay, (1 + step) / (10 + step))
+    """Warmed up: early on, the average must forget the random initialisation quickly. Until the
+    ceiling, step j's weights count about (j / step) ** 18 in the average, a power-function EMA
+    (Karras et al. 2024) whose width keeps in step with a short run's length."""
+    return min(cfg.ema_decay, (1 + step) / (20 + step))
 
 
 @torch.no_grad()
