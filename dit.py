@@ -4,16 +4,11 @@ DiT: a Diffusion Transformer and the diffusion process it is trained with, in on
 Peebles & Xie, "Scalable Diffusion Models with Transformers" (ICCV 2023), arXiv:2212.09748.
 A DiT is a plain Vision Transformer that denoises: the noisy image is cut into patches (tokens),
 the timestep t and the class label y are embedded, and every block is conditioned on them, in one
-of the paper's four ways (Sec. 3.2, Table 4), all built by one block class. A final layer turns
-tokens back into patches: the prediction (and, with learn_sigma, the variance).
+of the paper's four ways (Sec. 3.2, Table 4). A final layer turns tokens back into patches.
 
-Read it top to bottom: attention (math, SDPA, our Triton kernel) -> embedders and sin-cos
-positions -> the block and the final layer -> DiT, whose `condition` is the one place where (t, y)
-becomes what the blocks see -> presets and cost -> Gaussian diffusion (Ho et al. 2020, Nichol &
-Dhariwal 2021, Song et al. 2021) and flow matching (SiT), behind one interface -> classifier-free
-guidance and `draw`, the one sampling path -> the text model, a DiT that overrides `condition`
--> appendix: how attention "auto" falls back from our kernel to SDPA.
-
+Read it top to bottom: attention -> embedders -> the block -> DiT, whose `condition` is the one place
+where (t, y) becomes what the blocks see -> presets -> diffusion and flow matching, behind one interface
+-> guidance and `draw` -> the text model, a DiT that overrides `condition` -> appendix: attention "auto".
 With conditioning="adaln-zero" the state dict has the reference layout (facebookresearch/DiT):
 its released checkpoints load strict. torch only: no timm, no numpy.
 
@@ -40,17 +35,20 @@ CONDITIONINGS = ("adaln-zero", "adaln", "cross-attn", "in-context")
 # -----------------------------------------------------------------------------
 
 def attention(q, k, v, backend="auto", key_lengths=None):
-    """Non-causal attention: q (B, H, N, D) attends to k, v (B, H, M, D); returns (B, H, N, D).
-    "auto" is our Triton kernel on a GPU and SDPA elsewhere (appendix). key_lengths (B,), optional:
-    sample b attends to its first key_lengths[b] keys only, the rest being padding (captions)."""
+    """Non-causal attention: q (B, H, N, D) attends to k, v (B, H, M, D) -> (B, H, N, D); "auto": our Triton kernel
+    on a GPU, else SDPA (appendix). key_lengths (B,), optional: sample b attends to its first key_lengths[b] keys."""
     if backend == "auto":
         backend = "triton" if _auto_uses_triton(q, k, v, key_lengths) else "sdpa"
     if backend == "triton":  # the kernel takes the lengths themselves (and checks them)
-        return _triton_attention(q, k, v, key_lengths)
-    mask = None if key_lengths is None else key_padding_mask(key_lengths, q, k)  # (B, 1, 1, M)
+        kernel = _flash_attention()  # plain calls stay kernel(q, k, v)
+        return kernel(q, k, v) if key_lengths is None else kernel(q, k, v, key_lengths=key_lengths)
+    mask = None
+    if key_lengths is not None:  # SDPA and "math" take a boolean mask, True where a key is attended to
+        check_key_lengths(key_lengths, q, k)
+        mask = (torch.arange(k.shape[2], device=k.device) < key_lengths[:, None])[:, None, None, :]  # (B, 1, 1, M)
     if backend == "math":
-        # Written out for readers: the (N, M) score matrix is materialised, which is exactly
-        # what FlashAttention avoids. Softmax in fp32 keeps bf16/fp16 runs stable.
+        # Written out for readers: the (N, M) scores are materialised (FlashAttention avoids that). Softmax in
+        # fp32 keeps bf16/fp16 runs stable.
         scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, H, N, M)
         if mask is not None:  # padding keys score -inf: exp(-inf) = 0, no weight
             scores = scores.masked_fill(~mask, float("-inf"))
@@ -61,13 +59,11 @@ def attention(q, k, v, backend="auto", key_lengths=None):
 
 
 def check_key_lengths(key_lengths, q, k):
-    """Key lengths: an integer tensor (B,) on q's device, each in [1, M] (every backend and the
-    kernel). Values are read only on the host: on a GPU a read would make each call wait for the
-    device, and the model's lengths are made right on the host anyway (CaptionEncoder)."""
+    """Key lengths: an integer tensor (B,) on q's device, each in [1, M]. Values are read on the host only:
+    on a GPU a read would make each call wait, and the model's lengths are made on the host (CaptionEncoder)."""
     B, M = q.shape[0], k.shape[2]
-    integers = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
-    if not isinstance(key_lengths, torch.Tensor) or key_lengths.dtype not in integers:
-        what = key_lengths.dtype if isinstance(key_lengths, torch.Tensor) else type(key_lengths).__name__
+    what = key_lengths.dtype if isinstance(key_lengths, torch.Tensor) else type(key_lengths).__name__
+    if what not in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64):
         raise ValueError(f"key_lengths must be an integer tensor, not {what}")
     if key_lengths.shape != (B,):
         raise ValueError(f"key_lengths must have shape (B,) = ({B},), one length per sample; "
@@ -81,27 +77,18 @@ def check_key_lengths(key_lengths, q, k):
                              f"{longest}] (a length of 0 masks every key: that softmax row is 0 / 0 = NaN)")
 
 
-def key_padding_mask(key_lengths, q, k):
-    """What SDPA and "math" take for key lengths: a boolean mask, True where a key is attended to."""
-    check_key_lengths(key_lengths, q, k)
-    positions = torch.arange(k.shape[2], device=k.device)        # (M,)
-    return (positions < key_lengths[:, None])[:, None, None, :]  # (B, 1, 1, M), broadcast over H, N
-
-
 class Attention(nn.Module):
     """Multi-head self-attention with a fused q;k;v projection (the ViT/timm layout)."""
 
     def __init__(self, dim, num_heads, backend="auto"):
         super().__init__()
         assert dim % num_heads == 0, f"hidden size {dim} is not divisible by {num_heads} heads"
-        self.num_heads = num_heads
-        self.backend = backend
+        self.num_heads, self.backend = num_heads, backend
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, key_lengths=None):
-        """key_lengths (B,), optional: tokens past a sample's length are padding, attended to by none
-        (their own outputs are computed all the same)."""
+        """key_lengths (B,), optional: tokens past a sample's length are padding, attended to by none."""
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads)  # (B, N, 3, H, D)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                         # 3 x (B, H, N, D)
@@ -110,13 +97,11 @@ class Attention(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Multi-head attention from N tokens (the queries) to M others (keys and values): the image
-    tokens read the condition tokens. As in the Transformer decoder, without its LayerNorm."""
+    """Multi-head attention from N query tokens to M key/value tokens: the image's read the condition's."""
 
     def __init__(self, dim, num_heads, backend="auto"):
         super().__init__()
-        self.num_heads = num_heads
-        self.backend = backend
+        self.num_heads, self.backend = num_heads, backend
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -155,8 +140,7 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x):
-        x = self.proj(x)                     # (N, D, H/p, W/p)
-        return x.flatten(2).transpose(1, 2)  # (N, T, D), T = (H/p) * (W/p)
+        return self.proj(x).flatten(2).transpose(1, 2)  # (N, D, H/p, W/p) -> (N, T, D), T = (H/p) * (W/p)
 
 
 def timestep_embedding(t, dim, max_period=10000):
@@ -185,16 +169,13 @@ class TimestepEmbedder(nn.Module):
 
 
 class LabelEmbedder(nn.Module):
-    """Class label -> (N, D). One extra row, index num_classes, is the "null" label that
-    classifier-free guidance needs: during training a label is replaced by it with probability
-    dropout_prob, so the same network also learns the unconditional model (Ho & Salimans 2022)."""
+    """Class label -> (N, D). Row num_classes is the "null" label of classifier-free guidance: in training a
+    label becomes it with probability dropout_prob, so the network also learns the unconditional model."""
 
     def __init__(self, num_classes, hidden_size, dropout_prob):
         super().__init__()
-        use_null = dropout_prob > 0
-        self.embedding_table = nn.Embedding(num_classes + use_null, hidden_size)
-        self.num_classes = num_classes
-        self.dropout_prob = dropout_prob
+        self.embedding_table = nn.Embedding(num_classes + (dropout_prob > 0), hidden_size)  # + the null label's row
+        self.num_classes, self.dropout_prob = num_classes, dropout_prob
 
     def forward(self, labels, train):
         if train and self.dropout_prob > 0:
@@ -214,9 +195,8 @@ def sincos_pos_embed_2d(dim, grid_size):
     """(grid_size**2, dim): half the channels encode the column, half the row (row-major tokens)."""
     coords = torch.arange(grid_size, dtype=torch.float64)
     rows, cols = torch.meshgrid(coords, coords, indexing="ij")    # (G, G) each
-    emb = torch.cat([sincos_pos_embed_1d(dim // 2, cols.flatten()),
-                     sincos_pos_embed_1d(dim // 2, rows.flatten())], dim=1)  # (G*G, dim)
-    return emb.float()
+    return torch.cat([sincos_pos_embed_1d(dim // 2, cols.flatten()),
+                      sincos_pos_embed_1d(dim // 2, rows.flatten())], dim=1).float()  # (G*G, dim)
 
 
 # -----------------------------------------------------------------------------
@@ -224,8 +204,7 @@ def sincos_pos_embed_2d(dim, grid_size):
 # -----------------------------------------------------------------------------
 
 def modulate(x, shift, scale):
-    """Adaptive LayerNorm's affine part, per sample: x is (N, T, D), shift and scale are (N, D)
-    (None: a design without adaLN, x unchanged)."""
+    """Adaptive LayerNorm's affine part: x (N, T, D), shift and scale (N, D); None: x unchanged."""
     return x if shift is None else x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
@@ -237,17 +216,12 @@ def gated(x, gate):
 class DiTBlock(nn.Module):
     """A pre-norm transformer block (self-attention, then an MLP), conditioned in one of the
     paper's four ways (Sec. 3.2, Fig. 3):
-
-    "adaln-zero": c = t + y regresses six vectors, shift and scale for each LayerNorm (which has
-        no weights of its own) and a gate on each residual branch; zero-initialised, so every
-        gate is zero and the block is the identity at first.
+    "adaln-zero": c = t + y regresses six vectors, shift and scale for each LayerNorm (which has no
+        weights of its own) and a gate on each residual branch, zero at first: the block is the identity.
     "adaln":      the same without the gates: four vectors, ordinary initialisation.
     "cross-attn": a standard ViT block plus cross-attention from the image tokens to [t; y].
     "in-context": a standard ViT block; t and y travel through it as two extra tokens of x.
-
-    cross_attention=True adds that cross-attention sublayer to an adaLN block: PixArt-alpha's
-    block, whose image tokens read a caption's tokens (TextDiT), zero-initialised with adaLN-Zero.
-    """
+    cross_attention=True adds that cross-attention to an adaLN block: PixArt-alpha's, whose image reads a caption."""
 
     def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, attn_backend="auto",
                  conditioning="adaln-zero", cross_attention=False):
@@ -256,20 +230,17 @@ class DiTBlock(nn.Module):
         adaptive = conditioning in ("adaln-zero", "adaln")  # c supplies the norms' scale and shift
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=not adaptive, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads, backend=attn_backend)
-        self.cross_attn = None
-        if cross_attention or conditioning == "cross-attn":
-            self.cross_attn = CrossAttention(hidden_size, num_heads, backend=attn_backend)
+        cross = cross_attention or conditioning == "cross-attn"
+        self.cross_attn = CrossAttention(hidden_size, num_heads, backend=attn_backend) if cross else None
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=not adaptive, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         if adaptive:
             num_vectors = 6 if conditioning == "adaln-zero" else 4
-            self.adaLN_modulation = nn.Sequential(nn.SiLU(),
-                                                  nn.Linear(hidden_size, num_vectors * hidden_size))
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, num_vectors * hidden_size))
 
     def forward(self, x, c=None, context=None, context_lengths=None):
-        """x: (N, T, D) tokens, returned as (N, T, D). c: (N, D) for the adaLN designs, else None.
-        context: (N, M, D) tokens for the cross-attention ([t; y], or a caption), else None;
-        context_lengths (N,): how many of them are real (the rest is padding), or None."""
+        """x: (N, T, D) tokens, returned as (N, T, D). c: (N, D) for the adaLN designs, else None. context:
+        (N, M, D) tokens to cross-attend to ([t; y], or a caption), of which context_lengths (N,) are real."""
         shift1 = scale1 = gate1 = shift2 = scale2 = gate2 = None  # "cross-attn", "in-context"
         if self.conditioning == "adaln-zero":
             shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)  # 6 x (N, D)
@@ -296,8 +267,7 @@ class FinalLayer(nn.Module):
     def forward(self, x, c):
         x = self.norm_final(x)                                       # (N, T, D)
         if self.adaptive:
-            shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # 2 x (N, D)
-            x = modulate(x, shift, scale)
+            x = modulate(x, *self.adaLN_modulation(c).chunk(2, dim=1))  # shift, scale: 2 x (N, D)
         return self.linear(x)                                        # (N, T, p*p*C_out)
 
 
@@ -309,14 +279,11 @@ def init_linear(module):
 
 
 class DiT(nn.Module):
-    """Diffusion model with a Transformer backbone. Argument names follow the paper's code; ours,
-    keyword only: conditioning (see DiTBlock), attn_backend (see attention()), grad_checkpointing
-    (recompute each block in the backward pass) and cross_attention (see DiTBlock; TextDiT).
-    y is a class label: `condition` and the three methods after it are all a subclass overrides
-    to condition on something else (TextDiT: captions)."""
+    """Diffusion model with a Transformer backbone; argument names as in the paper's code, plus ours (keyword only):
+    conditioning and cross_attention (DiTBlock), attn_backend (attention()), grad_checkpointing (recompute each
+    block in the backward). y is a class label: a subclass overrides `condition` and the three methods after it."""
 
-    conditions_on = "labels"                     # what y is
-    null_name, dropout_name = "null label", "label"
+    conditions_on, null_name, dropout_name = "labels", "null label", "label"  # what y is, and guidance's words
     guide_colour = True                          # guidance's default colour scale: cfg_scale (see guided_model_fn)
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28,
@@ -330,26 +297,18 @@ class DiT(nn.Module):
             raise ValueError(f"unknown attention backend {attn_backend!r}; choose from {ATTENTION_BACKENDS}")
         if conditioning not in CONDITIONINGS:
             raise ValueError(f"unknown conditioning {conditioning!r}; choose from {CONDITIONINGS}")
-        self.input_size = input_size
-        self.patch_size = patch_size
-        self.in_channels = in_channels
+        self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
-        self.num_heads = num_heads
-        self.num_classes = num_classes
-        self.learn_sigma = learn_sigma
-        self.conditioning = conditioning
-        self.grad_checkpointing = grad_checkpointing
-
+        self.num_heads, self.num_classes, self.learn_sigma = num_heads, num_classes, learn_sigma
+        self.conditioning, self.grad_checkpointing = conditioning, grad_checkpointing
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         # num_classes None: no labels (a subclass conditions on something else)
         self.y_embedder = None if num_classes is None else LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
-        num_patches = (input_size // patch_size) ** 2
         # A parameter (not a buffer) only so that the reference checkpoints load strict; it is frozen.
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
-        self.blocks = nn.ModuleList([
-            DiTBlock(hidden_size, num_heads, mlp_ratio, attn_backend, conditioning, cross_attention)
-            for _ in range(depth)])
+        self.pos_embed = nn.Parameter(torch.zeros(1, (input_size // patch_size) ** 2, hidden_size), requires_grad=False)
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, attn_backend, conditioning,
+                                              cross_attention) for _ in range(depth)])
         adaptive = conditioning in ("adaln-zero", "adaln")
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, adaptive)
         self.initialize_weights()
@@ -358,37 +317,31 @@ class DiT(nn.Module):
         self.apply(init_linear)
         grid_size = self.input_size // self.patch_size
         self.pos_embed.data.copy_(sincos_pos_embed_2d(self.pos_embed.shape[-1], grid_size)[None])
-
         # The patchify convolution is a Linear on flattened patches: initialise it like one.
         w = self.x_embedder.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
-
         if self.y_embedder is not None:
             nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-
-        # adaLN-Zero: zero gates make every block the identity (the paper's Fig. 5: it trains
-        # best), the final shift and scale start at zero, and so does a cross-attention sublayer's
-        # output (PixArt-alpha). Plain adaLN keeps the ordinary (Xavier) initialisation.
+        # Every design (not what Table 4 compares): a zero output layer, a fresh model predicts 0. adaLN-Zero:
+        # zero gates make every block the identity (the paper's Fig. 5: it trains best), and the final shift
+        # and scale and a cross-attention's output (PixArt-alpha) start at zero too. Plain adaLN: Xavier.
+        zeroed = [self.final_layer.linear]
         if self.conditioning == "adaln-zero":
-            zeroed = [self.final_layer.adaLN_modulation[-1]]
+            zeroed.append(self.final_layer.adaLN_modulation[-1])
             for block in self.blocks:
                 zeroed += [block.adaLN_modulation[-1]] + ([block.cross_attn.proj] if block.cross_attn else [])
-            for layer in zeroed:
-                nn.init.zeros_(layer.weight)
-                nn.init.zeros_(layer.bias)
-        # Every design (not what Table 4 compares): a zero output layer, a fresh model predicts 0.
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
+        for layer in zeroed:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
 
     # --- the conditioning hook -------------------------------------------------
 
     def condition(self, t, y):
-        """(t, y) -> (c, tokens, lengths): c (N, D) sets the adaLN designs' norms and gates (else
-        None); tokens (N, M, D) are cross-attended to or, in-context, join x (else None); lengths
-        (N,) say how many tokens count (None: all). Label dropout happens here, in training."""
+        """(t, y) -> (c, tokens, lengths), each None where unused: c (N, D) sets the adaLN norms and gates; tokens
+        (N, M, D) are cross-attended to or join x (in-context); lengths (N,): how many count. Label dropout here."""
         t, y = self.t_embedder(t), self.y_embedder(y, self.training)  # (N, D) each
         if self.conditioning in ("adaln-zero", "adaln"):
             return t + y, None, None                                  # one vector for every LayerNorm
@@ -412,8 +365,7 @@ class DiT(nn.Module):
         """(N, T, p*p*C) -> (N, C, H, W); the inverse of PatchEmbed's token order."""
         c, p = self.out_channels, self.patch_size
         h = w = int(x.shape[1] ** 0.5)
-        x = x.reshape(x.shape[0], h, w, p, p, c)
-        x = torch.einsum("nhwpqc->nchpwq", x)
+        x = torch.einsum("nhwpqc->nchpwq", x.reshape(x.shape[0], h, w, p, p, c))
         return x.reshape(x.shape[0], c, h * p, w * p)
 
     def forward(self, x, t, y):
@@ -436,25 +388,18 @@ class DiT(nn.Module):
 # Presets: the paper's twelve (Table 1), plus small ones of ours, and the paper's way to count cost
 # -----------------------------------------------------------------------------
 
+# (depth, hidden_size, num_heads) of each size, with patch sizes 2, 4 and 8 ("DiT-XL/2" and so on).
 # "Ti" (tiny) trains on a laptop CPU in minutes; "Mi" (micro) is for the tests.
-#              (depth, hidden_size, num_heads, patch_size)
-DiT_configs = {
-    "DiT-XL/2": (28, 1152, 16, 2), "DiT-XL/4": (28, 1152, 16, 4), "DiT-XL/8": (28, 1152, 16, 8),
-    "DiT-L/2":  (24, 1024, 16, 2), "DiT-L/4":  (24, 1024, 16, 4), "DiT-L/8":  (24, 1024, 16, 8),
-    "DiT-B/2":  (12, 768, 12, 2),  "DiT-B/4":  (12, 768, 12, 4),  "DiT-B/8":  (12, 768, 12, 8),
-    "DiT-S/2":  (12, 384, 6, 2),   "DiT-S/4":  (12, 384, 6, 4),   "DiT-S/8":  (12, 384, 6, 8),
-    "DiT-Ti/2": (6, 192, 3, 2),    "DiT-Ti/4": (6, 192, 3, 4),    "DiT-Ti/8": (6, 192, 3, 8),
-    "DiT-Mi/2": (2, 64, 2, 2),     "DiT-Mi/4": (2, 64, 2, 4),     "DiT-Mi/8": (2, 64, 2, 8),
-}
+DiT_sizes = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6),
+             "Ti": (6, 192, 3), "Mi": (2, 64, 2)}
+DiT_configs = {f"DiT-{size}/{p}": (*dims, p) for size, dims in DiT_sizes.items() for p in (2, 4, 8)}
 DiT_models = {name: functools.partial(DiT, depth=d, hidden_size=h, num_heads=n, patch_size=p)
               for name, (d, h, n, p) in DiT_configs.items()}
 
 
 def forward_gmacs(model):
-    """Forward cost of one image in billions of multiply-accumulates, as the paper counts its
-    "Gflops" (Tables 1 and 4): every matrix product, plus one per LayerNorm element (2 T D per
-    block). Cheap at any size on the meta device. Attention runs as "math" while counting: the
-    counter cannot see inside a fused kernel."""
+    """Forward GMACs of one image, as the paper counts "Gflops" (Tables 1, 4): every matrix product, plus one per
+    LayerNorm element. Cheap on the meta device; attention runs as "math": the counter cannot see into a kernel."""
     p = model.pos_embed
     x = torch.zeros(1, model.in_channels, model.input_size, model.input_size, device=p.device, dtype=p.dtype)
     t = torch.zeros(1, dtype=torch.long, device=p.device)
@@ -462,17 +407,16 @@ def forward_gmacs(model):
     norm_elements = []
     hooks = [m.register_forward_hook(lambda m, inputs, out: norm_elements.append(out.numel()))
              for m in model.modules() if isinstance(m, nn.LayerNorm)]
-    attns = [m for m in model.modules() if isinstance(m, (Attention, CrossAttention))]
-    backends = [m.backend for m in attns]
+    backends = {m: m.backend for m in model.modules() if isinstance(m, (Attention, CrossAttention))}
     try:
-        for m in attns:
+        for m in backends:
             m.backend = "math"
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             model(x, t, y)
     finally:
         for hook in hooks:
             hook.remove()
-        for m, backend in zip(attns, backends):
+        for m, backend in backends.items():
             m.backend = backend
     return (counter.get_total_flops() / 2 + sum(norm_elements)) / 1e9
 
@@ -480,22 +424,19 @@ def forward_gmacs(model):
 # -----------------------------------------------------------------------------
 # Gaussian diffusion: the forward process, the training loss, and two samplers
 #
-# The paper's recipe (DiT Sec. 3.1, after ADM) is GaussianDiffusion's defaults and `--preset paper`:
-# predict eps, linear betas, learned sigma, uniform weights. The default "cpu" preset predicts x_0
-# with cosine betas shifted for 32 px, min-SNR weights and fixed sigma: crisp images in minutes.
+# The paper's recipe (DiT Sec. 3.1, after ADM) is GaussianDiffusion's defaults and `--preset paper`: predict
+# eps, linear betas, learned sigma, uniform weights. The default "cpu" preset predicts x_0 with cosine betas
+# shifted for 32 px, min-SNR weights and fixed sigma: crisp images in minutes.
 # -----------------------------------------------------------------------------
 
 class DiffusionProcess:
-    """What the trainer and the samplers ask of a noise process: GaussianDiffusion (the DDPM
-    chain) and RectifiedFlow (a straight path) answer it. draw_timesteps(n, device) -> (n,)
-    training times; training_losses(model, x0, t, y, noise) -> {"loss", "mse", ...} each (N,);
-    denoise_steps(model_fn, noise, steps, sampler, eta, clip_denoised, generator) yields (t, x_t,
-    x0_pred) after each reverse step. The network sees t in [0, num_timesteps); samplers are the
-    names denoise_steps takes, the first the default."""
+    """What the trainer and samplers ask of a noise process: draw_timesteps(n, device) -> (n,) training times;
+    training_losses(model, x0, t, y, noise) -> {"loss", "mse", ...} each (N,); denoise_steps(model_fn, noise, steps,
+    sampler, eta, clip_denoised, generator) yields (t, x_t, x0_pred) per reverse step; t in [0, num_timesteps)."""
 
     name = "diffusion"
     num_timesteps = 1000
-    samplers = ()
+    samplers = ()  # the names denoise_steps takes, the first the default
     default_steps = 50
 
     def check_sampler(self, sampler, eta=0.0):
@@ -511,11 +452,10 @@ class DiffusionProcess:
 
 
 def make_betas(schedule, num_timesteps, noise_shift=1.0):
-    """beta_t for t = 0 .. T-1: DDPM's linear 1e-4..0.02 (scaled for T != 1000), or the cosine
-    schedule of Nichol & Dhariwal (2021), which destroys small images less abruptly. noise_shift s
-    divides every SNR abar / (1 - abar) by s ** 2 (Hoogeboom et al. 2023): averaging s x s pixels
-    divides the noise's std by s, so at s times the resolution the same abar leaves the coarse
-    shape far clearer; the shift restores the noise level it sees at the base resolution."""
+    """beta_t for t = 0 .. T-1: DDPM's linear 1e-4..0.02 (scaled for T != 1000), or the cosine schedule of
+    Nichol & Dhariwal (2021), which destroys small images less abruptly. noise_shift s divides every SNR
+    abar / (1 - abar) by s ** 2 (Hoogeboom et al. 2023): averaging s x s pixels divides the noise's std by s,
+    so at s times the resolution the same abar leaves the coarse shape far clearer; the shift undoes that."""
     if schedule == "linear":
         scale = 1000 / num_timesteps
         betas = torch.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=torch.float64)
@@ -549,8 +489,7 @@ def distance(name):
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
     """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats."""
-    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
-                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
 
 
 def approx_standard_normal_cdf(x):
@@ -558,8 +497,7 @@ def approx_standard_normal_cdf(x):
 
 
 def discretized_gaussian_log_likelihood(x, mean, log_scale):
-    """log p(x) of 8-bit data in [-1, 1] under a Gaussian integrated over each pixel's bin
-    (Ho et al. 2020, Sec. 3.3): the decoder term L_0 of the variational bound."""
+    """log p(x) of 8-bit data in [-1, 1], a Gaussian integrated over each pixel's bin: L_0 (Ho et al. 2020, 3.3)."""
     centered = x - mean
     inv_std = torch.exp(-log_scale)
     cdf_plus = approx_standard_normal_cdf(inv_std * (centered + 1 / 255))
@@ -567,25 +505,19 @@ def discretized_gaussian_log_likelihood(x, mean, log_scale):
     log_cdf_plus = cdf_plus.clamp(min=1e-12).log()
     log_one_minus_cdf_minus = (1 - cdf_minus).clamp(min=1e-12).log()
     log_probs = (cdf_plus - cdf_minus).clamp(min=1e-12).log()
-    return torch.where(x < -0.999, log_cdf_plus,
-                       torch.where(x > 0.999, log_one_minus_cdf_minus, log_probs))
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_minus, log_probs))
 
 
 class GaussianDiffusion(DiffusionProcess):
-    """The DDPM forward process q(x_t | x_0) and what is needed to learn and run its reverse.
-
-    Notation as in the papers: alpha_t = 1 - beta_t, abar_t = prod_{s<=t} alpha_s.
-    prediction: what the network's first in_channels outputs mean: "eps" (the noise; DDPM, DiT),
-        "v" = sqrt(abar) eps - sqrt(1 - abar) x_0 (Salimans & Ho 2022), or "x0" (Li & He 2025): a
-        large pixel patch gives a token too few dimensions to carry full-rank noise through, but
-        enough for the clean image, which lies near a low-dimensional manifold.
-    learn_sigma: the other in_channels outputs interpolate the reverse variance between beta_t and
-        the posterior variance (Improved DDPM), trained by the variational bound.
-    loss_weighting: "uniform" (the paper), "min_snr" (Hang et al. 2023: min(SNR, gamma) times the
-        x_0 error, so easy low-noise steps stop dominating) or "min_snr_floor", clamp(SNR, 1, gamma):
-        min-SNR's weight vanishes at high noise, where a caption's colour is decided.
-    loss: the elementwise distance, "l2" (DDPM) or "l1"; the variational term is the same either way.
-    """
+    """The DDPM process q(x_t | x_0) and what learns and runs its reverse; abar_t = prod_{s<=t} (1 - beta_s).
+    prediction: what the network's first in_channels outputs mean: "eps" (the noise; DDPM, DiT), "v" =
+        sqrt(abar) eps - sqrt(1 - abar) x_0 (Salimans & Ho 2022), or "x0" (Li & He 2025): a large pixel
+        patch gives a token too few dimensions to carry noise through, but enough for the clean image.
+    learn_sigma: the other in_channels outputs interpolate the reverse variance from beta_t to beta~_t (Improved DDPM).
+    loss_weighting: "uniform" (the paper), "min_snr" (Hang et al. 2023: min(SNR, gamma) times the x_0
+        error, so easy low-noise steps stop dominating) or "min_snr_floor", clamp(SNR, 1, gamma): min-SNR's
+        weight vanishes at high noise, where a caption's colour is decided.
+    loss: the elementwise distance, "l2" (DDPM) or "l1"; the variational term is the same either way."""
 
     name = "DDPM"
     samplers = ("ddim", "ddpm")
@@ -599,24 +531,20 @@ class GaussianDiffusion(DiffusionProcess):
                              f"'min_snr_floor'")
         self.loss = distance(loss)
         self.num_timesteps = self.default_steps = num_timesteps  # sampling: every step unless asked
-        self.prediction = prediction
-        self.learn_sigma = learn_sigma
-        self.loss_weighting = loss_weighting
-        self.min_snr_gamma = min_snr_gamma
+        self.prediction, self.learn_sigma = prediction, learn_sigma
+        self.loss_weighting, self.min_snr_gamma = loss_weighting, min_snr_gamma
         # Built in float64: a product of 1000 factors near 1 loses digits in float32.
         self.betas = make_betas(schedule, num_timesteps, noise_shift)     # (T,)
         self.alphas_cumprod = torch.cumprod(1 - self.betas, dim=0)        # (T,) abar_t
         self.alphas_cumprod_prev = F.pad(self.alphas_cumprod[:-1], (1, 0), value=1.0)  # abar_{t-1}
-        # q(x_{t-1} | x_t, x_0) has variance beta~_t = beta_t (1 - abar_{t-1}) / (1 - abar_t).
-        self.posterior_variance = self.betas * (1 - self.alphas_cumprod_prev) / (1 - self.alphas_cumprod)
+        self.posterior_variance = self.betas * (1 - self.alphas_cumprod_prev) / (1 - self.alphas_cumprod)  # beta~_t
         # beta~_0 = 0, so its log is clipped to beta~_1 (only its use in the variance interpolation matters).
         self.posterior_log_variance_clipped = torch.log(
             torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]]))
         self._on_device = {}
 
     def _at(self, schedule, t, ndim=4, dtype=torch.float32):
-        """schedule[t] for a batch of timesteps, shaped to broadcast over images (float32 unless
-        asked). Each schedule is copied to a device once: a copy per step would stall a GPU's queue."""
+        """schedule[t], shaped to broadcast over images; copied to a device once (a copy per step stalls a GPU)."""
         key = (id(schedule), t.device)
         if key not in self._on_device:
             self._on_device[key] = schedule.to(t.device)
@@ -630,10 +558,8 @@ class GaussianDiffusion(DiffusionProcess):
         return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
     def q_posterior(self, x0, x_t, abar_t, abar_prev):
-        """Mean and variance of q(x_prev | x_t, x_0) between any two steps of the chain (Eq. 7):
-        DDPM's posterior, or with a coarser pair the respaced chain's (Nichol & Dhariwal 2021).
-        abar_t and abar_prev come in float64: at small t, 1 - abar_t / abar_prev cancels most of
-        float32's digits. The coefficients are cast to the images' dtype only at the end."""
+        """Mean and variance of q(x_prev | x_t, x_0) between any two steps (Eq. 7; a coarser pair: the respaced chain,
+        Nichol & Dhariwal 2021). abar_t, abar_prev in float64: at small t, 1 - abar_t / abar_prev cancels float32."""
         beta = 1 - abar_t / abar_prev
         coef_x0 = abar_prev.sqrt() * beta / (1 - abar_t)
         coef_xt = (1 - beta).sqrt() * (1 - abar_prev) / (1 - abar_t)
@@ -644,22 +570,15 @@ class GaussianDiffusion(DiffusionProcess):
 
     def split_output(self, out):
         """(N, C_out, H, W) -> the prediction (N, C, H, W) and variance channels (or None)."""
-        if self.learn_sigma:
-            return out.chunk(2, dim=1)
-        return out, None
+        return out.chunk(2, dim=1) if self.learn_sigma else (out, None)
 
     def predict_x0_eps(self, pred, x_t, abar):
-        """Turn the network's prediction into both x_0 and eps (they determine each other given x_t)."""
+        """The network's prediction -> (x_0, eps): given x_t, each determines the other."""
         if self.prediction == "eps":
-            eps = pred
-            x0 = (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()
-        elif self.prediction == "x0":
-            x0 = pred
-            eps = (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
-        else:
-            x0 = abar.sqrt() * x_t - (1 - abar).sqrt() * pred
-            eps = (1 - abar).sqrt() * x_t + abar.sqrt() * pred
-        return x0, eps
+            return (x_t - (1 - abar).sqrt() * pred) / abar.sqrt(), pred
+        if self.prediction == "x0":
+            return pred, (x_t - abar.sqrt() * pred) / (1 - abar).sqrt()
+        return abar.sqrt() * x_t - (1 - abar).sqrt() * pred, (1 - abar).sqrt() * x_t + abar.sqrt() * pred  # v
 
     def model_log_variance(self, var_out, beta, posterior_var):
         """Improved DDPM Eq. 15: log sigma^2 = v log beta + (1 - v) log beta~, with v in [0, 1]."""
@@ -680,38 +599,32 @@ class GaussianDiffusion(DiffusionProcess):
         abar = self._at(self.alphas_cumprod, t)
         target = {"eps": noise, "x0": x0, "v": abar.sqrt() * noise - (1 - abar).sqrt() * x0}[self.prediction]
         mse = mean_flat((target - pred.float()) ** 2)           # (N,)
-        error = self.loss(target, pred.float())                 # (N,) mse for l2
-        weight = torch.ones_like(mse)
+        losses = {"mse": mse, "loss": self.loss(target, pred.float())}  # the loss: (N,), mse for l2
         if self.loss_weighting != "uniform":
             snr = (abar / (1 - abar)).flatten()
             # MSE on eps equals SNR * MSE on x_0, MSE on v equals (SNR + 1) * it; all three are
             # reweighted to min(SNR, gamma) * MSE on x_0 (with the floor: max(that, 1) * it).
             per_x0_mse = {"eps": snr, "v": snr + 1, "x0": torch.ones_like(snr)}[self.prediction]
             floor = 1.0 if self.loss_weighting == "min_snr_floor" else None
-            weight = snr.clamp(min=floor, max=self.min_snr_gamma) / per_x0_mse
-        losses = {"mse": mse, "loss": weight * error}
+            losses["loss"] = snr.clamp(min=floor, max=self.min_snr_gamma) / per_x0_mse * losses["loss"]
         if self.learn_sigma:
             # The variational-bound term trains only the variance: the mean is detached, so
             # the simple MSE keeps full control over it (Improved DDPM, Sec. 3.1, "L_hybrid").
-            vb = self.vb_term(pred.detach().float(), var_out.float(), x0, x_t, t)
-            losses["vb"] = vb
-            losses["loss"] = losses["loss"] + vb
+            losses["vb"] = self.vb_term(pred.detach().float(), var_out.float(), x0, x_t, t)
+            losses["loss"] = losses["loss"] + losses["vb"]
         return losses
 
     def vb_term(self, pred, var_out, x0, x_t, t):
         """L_t (t > 0: KL between true and model posteriors) or L_0 (decoder NLL), in bits/dim."""
         abar64 = self._at(self.alphas_cumprod, t, dtype=torch.float64)
         abar_prev64 = self._at(self.alphas_cumprod_prev, t, dtype=torch.float64)
-        abar = abar64.float()
         true_mean, _ = self.q_posterior(x0, x_t, abar64, abar_prev64)
         true_log_var = self._at(self.posterior_log_variance_clipped, t)
-        model_x0, _ = self.predict_x0_eps(pred, x_t, abar)
+        model_x0, _ = self.predict_x0_eps(pred, x_t, abar64.float())
         model_mean, _ = self.q_posterior(model_x0, x_t, abar64, abar_prev64)
-        model_log_var = self.model_log_variance(
-            var_out, self._at(self.betas, t), true_log_var.exp())
+        model_log_var = self.model_log_variance(var_out, self._at(self.betas, t), true_log_var.exp())
         kl = mean_flat(normal_kl(true_mean, true_log_var, model_mean, model_log_var)) / math.log(2.0)
-        nll = -mean_flat(discretized_gaussian_log_likelihood(
-            x0, model_mean, 0.5 * model_log_var)) / math.log(2.0)
+        nll = -mean_flat(discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_var)) / math.log(2.0)
         return torch.where(t == 0, nll, kl)
 
     # --- sampling ---------------------------------------------------------------
@@ -722,25 +635,18 @@ class GaussianDiffusion(DiffusionProcess):
             raise ValueError(f"steps must be in [1, {self.num_timesteps}], got {steps}")
         return torch.linspace(self.num_timesteps - 1, 0, steps).round().long().tolist()
 
-    def denoise_steps(self, model_fn, noise, steps=None, sampler=None, eta=0.0, clip_denoised=True,
-                      generator=None):
-        """Run the reverse process from x_T = noise, yielding (t, x_t, x0_pred) after each step.
-
-        model_fn(x, t) returns the network's output for x at integer timesteps t (guidance, if
-        any, is inside model_fn). sampler "ddpm": ancestral sampling with the posterior variance
-        (or the learned one); "ddim" (the default): Song et al. 2021 Eq. 12, deterministic at
-        eta = 0. generator: the per-step noise's. The last yield holds the sample. Respaced:
-        fewer steps reuse the trained network at a subset of its timesteps.
-        """
+    def denoise_steps(self, model_fn, noise, steps=None, sampler=None, eta=0.0, clip_denoised=True, generator=None):
+        """Run the reverse process from x_T = noise, yielding (t, x_t, x0_pred) after each step, the last the sample.
+        model_fn(x, t): the network's output at integer t (guidance inside). "ddpm": ancestral sampling with the
+        posterior (or learned) variance; "ddim" (default): Song et al. 2021 Eq. 12, deterministic at eta = 0."""
         sampler = sampler or self.samplers[0]
         self.check_sampler(sampler, eta)
         timesteps = self.sample_timesteps(steps or self.default_steps)
+        abars = F.pad(self.alphas_cumprod[timesteps], (0, 1), value=1.0)      # abar of each step, then 1
         x = noise
         for i, t in enumerate(timesteps):
             t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-            abar64 = self.alphas_cumprod[t]                                     # float64 scalars
-            abar_prev64 = (self.alphas_cumprod[timesteps[i + 1]] if i + 1 < len(timesteps)
-                           else torch.tensor(1.0, dtype=torch.float64))
+            abar64, abar_prev64 = abars[i], abars[i + 1]                        # float64 scalars
             abar, abar_prev = abar64.float(), abar_prev64.float()
             pred, var_out = self.split_output(model_fn(x, t_batch).float())
             x0, eps = self.predict_x0_eps(pred, x, abar)
@@ -763,27 +669,22 @@ class GaussianDiffusion(DiffusionProcess):
 # -----------------------------------------------------------------------------
 # Flow matching: the same DiT, a straight path from data to noise
 #
-# Rectified flow (Liu et al. 2022; Lipman et al. 2022): the straight line x_t = (1 - t) x_0 + t eps,
-# t in [0, 1], whose velocity eps - x_0 the network predicts; sampling integrates dx/dt = v from
-# t = 1 to 0. SiT (Ma et al. 2024) trains DiT so; SD3 found logit-normal t best. The network sees
-# t * 1000, the DDPM's scale, so embeddings and the guidance interval read alike.
+# Rectified flow (Liu et al. 2022; Lipman et al. 2022): the straight line x_t = (1 - t) x_0 + t eps, t in [0, 1],
+# whose velocity eps - x_0 the network predicts; sampling integrates dx/dt = v from t = 1 to 0. SiT (Ma et al.
+# 2024) trains DiT so; SD3 found logit-normal t best. The network sees t * 1000, the DDPM's scale.
 # -----------------------------------------------------------------------------
 
 class RectifiedFlow(DiffusionProcess):
     """The flow-matching counterpart of GaussianDiffusion, behind the same interface.
-
     prediction: "v", the velocity eps - x_0 (SiT, SD3), or "x0", the clean image, turned into the
-        velocity (x_t - x_0) / t for the loss and the sampler (Li & He 2025: with 8 x 8 pixel
-        patches a token has too few dimensions to carry noise through, as for the DDPM's x0).
+        velocity (x_t - x_0) / t for the loss and the sampler (Li & He 2025, as for the DDPM's x0).
     noise_shift s: the same SNR / s^2 as make_betas. Here SNR = ((1 - t) / t)^2, so the shift is
-        t -> s t / (1 + (s - 1) t) (SD3 Eq. 23), applied to training and sampling times alike.
-    """
+        t -> s t / (1 + (s - 1) t) (SD3 Eq. 23), applied to training and sampling times alike."""
 
     name = "flow matching"
     learn_sigma = False
     samplers = ("euler", "heun")
-    # x0-prediction divides by t: below this the velocity error of a small x_0 error explodes
-    # (JiT clips t the same way), so the loss and the sampler treat smaller t as this.
+    # x0-prediction divides by t: below this, a small x_0 error's velocity error explodes (JiT clips t alike).
     min_t = 0.05
 
     def __init__(self, prediction="v", noise_shift=1.0, loss="l2"):
@@ -795,8 +696,7 @@ class RectifiedFlow(DiffusionProcess):
         self.prediction, self.noise_shift = prediction, noise_shift
 
     def shift(self, t):
-        s = self.noise_shift
-        return s * t / (1 + (s - 1) * t)
+        return self.noise_shift * t / (1 + (self.noise_shift - 1) * t)
 
     def draw_timesteps(self, n, device):
         """Logit-normal t (SD3): sigmoid of a standard normal, most weight in the middle, then shifted."""
@@ -806,8 +706,7 @@ class RectifiedFlow(DiffusionProcess):
         """The network's output as a velocity (N, C, H, W); t (N,) in [0, 1]."""
         if self.prediction == "v":
             return pred
-        t = t.clamp(min=self.min_t).view(-1, 1, 1, 1)
-        return (x_t - pred) / t
+        return (x_t - pred) / t.clamp(min=self.min_t).view(-1, 1, 1, 1)
 
     def training_losses(self, model, x0, t, y, noise=None):
         """Per-sample losses {'loss', 'mse'} (N,): the error of the velocity (squared for l2)."""
@@ -827,13 +726,10 @@ class RectifiedFlow(DiffusionProcess):
         if eta != 0:
             raise ValueError(f"eta {eta:g}: flow matching's samplers integrate an ODE and add no noise; use eta 0")
 
-    def denoise_steps(self, model_fn, noise, steps=None, sampler=None, eta=0.0, clip_denoised=True,
-                      generator=None):
-        """Integrate dx/dt = v from t = 1 to 0, yielding (t, x_t, x0_pred) after each step.
-        "euler" (the default): one network call per step; "heun": two (a trapezoid of the
-        velocities at both ends; the last step, to t = 0 where x0-prediction is undefined, stays
-        Euler, as in EDM). clip_denoised clamps the implied x_0 = x_t - t v to [-1, 1]. No step
-        draws noise: eta must be 0 and the generator goes unused."""
+    def denoise_steps(self, model_fn, noise, steps=None, sampler=None, eta=0.0, clip_denoised=True, generator=None):
+        """Integrate dx/dt = v from t = 1 to 0, yielding (t, x_t, x0_pred) after each step. "euler" (default): one
+        network call per step; "heun": two, a trapezoid of the velocities at both ends (the last step, to t = 0 where
+        x0-prediction is undefined, stays Euler, as in EDM). clip_denoised clamps x_0 = x_t - t v. eta must be 0."""
         sampler = sampler or self.samplers[0]
         self.check_sampler(sampler, eta)
 
@@ -859,11 +755,9 @@ class RectifiedFlow(DiffusionProcess):
 
 
 def make_diffusion(objective="ddpm", **args):
-    """The process a checkpoint's diffusion_args describe: GaussianDiffusion (DDPM, the paper's)
-    or RectifiedFlow; runs saved before flow matching existed carry no objective and are DDPM."""
-    if objective == "flow":
-        return RectifiedFlow(prediction=args.get("prediction", "v"), noise_shift=args.get("noise_shift", 1.0),
-                             loss=args.get("loss", "l2"))
+    """The process of a checkpoint's diffusion_args; runs from before flow matching have no objective: DDPM."""
+    if objective == "flow":  # of a DDPM's arguments, only these three mean something here
+        return RectifiedFlow(**{name: args[name] for name in ("prediction", "noise_shift", "loss") if name in args})
     if objective != "ddpm":
         raise ValueError(f"unknown objective {objective!r}; choose 'ddpm' or 'flow'")
     return GaussianDiffusion(**args)
@@ -874,19 +768,13 @@ def make_diffusion(objective="ddpm", **args):
 # -----------------------------------------------------------------------------
 
 def guided_model_fn(model, y, cfg_scale, interval=(0, math.inf), colour_scale=None):
-    """model_fn(x, t) for the samplers: the network's output for the conditions y, guided unless
-    both scales are 1: pred = pred(x, null) + s * (pred(x, y) - pred(x, null)), from the null
-    condition that dropout taught the network (model.null_condition). Only the prediction channels
-    are mixed (eps, v or x0 are affine in each other for a shared x_t: the same guidance); the
-    variance channels stay the conditional ones. One doubled forward pass serves both conditions.
-
-    interval (lo, hi): guide only at lo <= t < hi (Kynkaanniemi et al. 2024): at high noise, where
-    colour and layout are chosen, guidance pulls every sample towards the commonest look.
-    colour_scale: the scale for colour alone (each pixel's offset from its RGB mean; the grey part
-    takes cfg_scale). A caption without a colour leans towards the palette's mean, and guidance
-    multiplies the lean, while shapes live in the grey image. None: cfg_scale if
-    model.guide_colour (a class DiT), else 1 (a text model). Pixel-space RGB only.
-    Raises ValueError if guidance is asked of a model without a null condition."""
+    """model_fn(x, t) for the samplers: the network's output for the conditions y, guided unless both scales are 1:
+    pred = pred(x, null) + s * (pred(x, y) - pred(x, null)) in one doubled forward pass, from the null condition
+    dropout taught (a ValueError if none). Only the prediction channels are mixed (eps, v and x0 are affine in each
+    other for a shared x_t: the same guidance). interval (lo, hi): guide only at lo <= t < hi (Kynkaanniemi et al.
+    2024): at high noise, where colour and layout are chosen, guidance pulls every sample to the commonest look.
+    colour_scale: the scale of colour alone (each pixel's offset from its RGB mean): a caption without a colour
+    leans to the palette's mean, and guidance multiplies the lean. None: cfg_scale if model.guide_colour, else 1."""
     if colour_scale is None:
         colour_scale = cfg_scale if model.guide_colour else 1.0
     if cfg_scale == 1 and colour_scale == 1:
@@ -897,14 +785,12 @@ def guided_model_fn(model, y, cfg_scale, interval=(0, math.inf), colour_scale=No
                          f"{model.dropout_name} dropout, and this one was trained without: use a cfg scale of 1")
     both = torch.cat([y, null])  # (2N,) or (2N, L): [y; null]
     C = model.in_channels
-    lo, hi = interval
 
     def model_fn(x, t):
-        inside = (t >= lo) & (t < hi)                                    # (N,)
+        inside = (t >= interval[0]) & (t < interval[1])                  # (N,)
         if not inside.any():
             return model(x, t, y)
-        out = model(torch.cat([x, x]), torch.cat([t, t]), both)          # (2N, C_out, H, W)
-        cond, uncond = out.chunk(2)                                      # (N, C_out, H, W) each
+        cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)  # (N, C_out, H, W) each
         delta = cond[:, :C] - uncond[:, :C]                              # (N, C, H, W)
         if colour_scale == cfg_scale:
             pred = uncond[:, :C] + cfg_scale * delta                     # (N, C, H, W)
@@ -918,14 +804,11 @@ def guided_model_fn(model, y, cfg_scale, interval=(0, math.inf), colour_scale=No
 
 def seed_for(seed, *key):
     """A 64-bit seed of its own for each (seed, purpose, ...), with no overlaps between them."""
-    text = "/".join(str(part) for part in (seed, *key))
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+    return int.from_bytes(hashlib.sha256("/".join(map(str, (seed, *key))).encode()).digest()[:8], "little")
 
 
 def initial_noise(seed, label, j, shape):
-    """x_T of sample j of class `label`, from a generator of its own on the CPU: the same whatever
-    the batch it lands in, the device, and the program that draws it (train.py's sample grids, or
-    sample.py)."""
+    """x_T of sample j of class `label`, from its own CPU generator: the same whatever its batch, device or program."""
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed_for(seed, "x_T", label, j)))
 
 
@@ -937,10 +820,9 @@ def to_unit(x):
 @torch.no_grad()
 def draw(model, diffusion, y, j, seed, steps, cfg_scale, sampler=None, eta=0.0, interval=(0, math.inf),
          colour_scale=None):
-    """Denoise sample j[i] of condition y[i] for every i, with guidance: yields x_t (N, C, H, W)
-    after each of the `steps` reverse steps, the last the sample. DDPM's per-step noise (or DDIM's
-    at eta > 0) comes from one generator per batch, keyed by its first image, so there an image
-    depends on its batch too. sampler None or "auto": the process's default."""
+    """Denoise sample j[i] of condition y[i] for every i, with guidance: yields x_t (N, C, H, W) after each
+    reverse step, the last the sample. DDPM's per-step noise (or DDIM's at eta > 0) comes from one generator
+    per batch, keyed by its first image: there an image depends on its batch. sampler "auto": the default."""
     shape = (model.in_channels, model.input_size, model.input_size)
     keys = model.condition_keys(y)
     noise = torch.stack([initial_noise(seed, c, k, shape) for c, k in zip(keys, j)]).to(y.device)  # x_T
@@ -954,28 +836,24 @@ def draw(model, diffusion, y, j, seed, steps, cfg_scale, sampler=None, eta=0.0, 
 # -----------------------------------------------------------------------------
 # Text to image: captions as bytes, a caption encoder trained alongside, PixArt-alpha's block
 #
-# PixArt-alpha (Chen et al. 2023, Sec. 2.3): adaLN-Zero blocks with a zero-initialised
-# cross-attention from the image tokens to the text's tokens (DiTBlock's cross_attention); the
-# caption's pooled vector joins the timestep's embedding, as in SD3. No pretrained text encoder: a
-# small one learns with the DiT from the bytes, as GLIDE trained its own. The encoder hands the DiT
-# a bag of words ("orange" is the same key in "an orange star" as in "something orange"), which is
-# what lets the model draw a colour and a shape it never saw together (assets/text.md).
+# PixArt-alpha (Chen et al. 2023, Sec. 2.3): adaLN-Zero blocks with a zero-initialised cross-attention from
+# the image tokens to the text's tokens (DiTBlock's cross_attention); the caption's pooled vector joins the
+# timestep's embedding, as in SD3. No pretrained text encoder: a small one learns with the DiT from the bytes,
+# as GLIDE trained its own. It hands the DiT a bag of words ("orange" is the same key in "an orange star" as
+# in "something orange"): the model can draw a colour and a shape it never saw together (assets/text.md).
 # -----------------------------------------------------------------------------
 
-# The tokenizer is UTF-8 itself: bytes 0..255 are their own tokens, so any caption has a spelling
-# and there is no vocabulary to miss a word. BOS opens every caption, so that even the empty one
-# (guidance's null condition) has a key to attend to (a softmax over no keys is 0 / 0 = NaN); PAD
-# fills the shorter captions of a batch, and marks their lengths.
-CAPTION_BOS, CAPTION_PAD = 256, 257
-CAPTION_VOCAB = 258
+# The tokenizer is UTF-8 itself: bytes 0..255 are their own tokens, so any caption has a spelling and no
+# vocabulary misses a word. BOS opens every caption, so that even the empty one (the null condition) has a
+# key to attend to (a softmax over no keys is 0 / 0 = NaN); PAD fills short captions and marks their lengths.
+CAPTION_BOS, CAPTION_PAD, CAPTION_VOCAB = 256, 257, 258
 MAX_CAPTION_BYTES = 64
 WHITESPACE = (9, 10, 13, 32)  # tab, line feed, carriage return, space: what separates words
 
 
 def tokenize(captions, max_bytes=MAX_CAPTION_BYTES):
-    """Captions (a list of str) -> tokens (N, L) int64: BOS, the caption's UTF-8 bytes, then PAD
-    up to L = 1 + the longest caption's length in bytes. The empty caption is [BOS].
-    Raises ValueError for a caption of more than max_bytes bytes."""
+    """Captions (a list of str) -> tokens (N, L) int64: BOS, the caption's UTF-8 bytes, then PAD up to
+    L = 1 + the longest caption's length in bytes (at most max_bytes). The empty caption is [BOS]."""
     if isinstance(captions, str):
         raise TypeError("tokenize takes a list of captions, not one string")
     encoded = []
@@ -1007,8 +885,7 @@ def caption_lengths(tokens):
 
 
 class CaptionEncoderLayer(nn.Module):
-    """A pre-norm Transformer encoder layer: self-attention among the caption's tokens, then an
-    MLP. Keys past a caption's length are masked, so its features do not depend on its batch."""
+    """A pre-norm Transformer encoder layer; keys past a caption's length are masked: its batch does not matter."""
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0, attn_backend="auto"):
         super().__init__()
@@ -1023,10 +900,8 @@ class CaptionEncoderLayer(nn.Module):
 
 
 def spell_words(tokens):
-    """(N, L) tokens -> (N, W, B) the same bytes regrouped one word per row, and (N,) each
-    caption's word count. Words are split at spaces (which go); BOS is a word of its own, so the
-    empty caption has one. PAD fills each row after its word's bytes and the rows past a
-    caption's last word. W is the most words of a caption, B the longest word's bytes."""
+    """(N, L) tokens -> (N, W, B) the bytes regrouped one word per row, PAD after, and (N,) word counts. Words split
+    at spaces (which go); BOS is a word of its own, so the empty caption has one. W: most words, B: longest word."""
     N, L = tokens.shape
     space = torch.isin(tokens, torch.tensor(WHITESPACE, device=tokens.device))    # (N, L)
     in_word = ~space & (tokens != CAPTION_PAD)                                     # (N, L)
@@ -1045,14 +920,11 @@ def spell_words(tokens):
 
 
 class CaptionEncoder(nn.Module):
-    """Tokens -> one feature per word, the word counts, and a pooled vector.
-
-    One layer reads each word's bytes (with sin-cos positions within the word), seeing no other
-    word; their mean is the word's feature. `depth` more layers let the words see each other and
-    their order (0, the default: a bag of words). A final LayerNorm. The pooled vector goes through
-    an MLP, in the order `pool` says: "mlp_then_mean" (the default) averages each word's MLP
-    output, so an unseen pair ("a purple ring") is the mean of two known parts; "mean_then_mlp"
-    (older text runs) sends the words' mean through the MLP, a new point for a new pair."""
+    """Tokens -> one feature per word, the word counts, and a pooled vector. One layer reads each word's bytes
+    (with sin-cos positions within the word), seeing no other word; their mean is the word's feature. `depth`
+    more layers let the words see each other and their order (0, the default: a bag of words); a LayerNorm.
+    pool "mlp_then_mean" (the default) averages each word's MLP output, so an unseen pair ("a purple ring")
+    is the mean of two known parts; "mean_then_mlp" (older runs) sends the mean through the MLP."""
 
     POOLS = ("mlp_then_mean", "mean_then_mlp")
 
@@ -1069,19 +941,17 @@ class CaptionEncoder(nn.Module):
         self.layers = nn.ModuleList([CaptionEncoderLayer(hidden_size, num_heads, mlp_ratio, attn_backend)
                                      for _ in range(depth)])
         self.norm = nn.LayerNorm(hidden_size, eps=1e-6)
-        self.pool = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.SiLU(),
-                                  nn.Linear(hidden_size, hidden_size))
+        self.pool = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
 
     def forward(self, tokens):
         """tokens (N, L) from tokenize() -> features (N, W, D), word counts (N,), pooled (N, D)."""
         if tokens.shape[1] > self.max_bytes + 1:
             raise ValueError(f"captions of {tokens.shape[1] - 1} bytes, over this model's limit of {self.max_bytes}")
-        # Words, their lengths and which are the same are shapes that depend on the bytes: worked
-        # out on the host (a GPU waits once per step for a few hundred bytes; the meta device can
-        # count the cost given host tokens), and the lengths reach the attention unread. A batch
-        # repeats a few words many times: each distinct word is spelled once (U rows, not N * W)
-        # and copied to its places by index_select, whose CPU backward adds the copies up in a
-        # fixed order (x[place]'s does so in any order: two runs with one seed would part).
+        # Words, their lengths and which are the same are shapes that depend on the bytes: worked out on the
+        # host (a GPU waits once per step for a few hundred bytes; the meta device can count the cost given host
+        # tokens), and the lengths reach the attention unread. A batch repeats a few words many times: each is
+        # spelled once (U rows, not N * W) and copied to its places by index_select, whose CPU backward adds the
+        # copies up in a fixed order (x[place]'s does so in any order: two runs with one seed would part).
         device = self.token_embedder.weight.device
         grid, words = spell_words(tokens.cpu())                              # (N, W, B), (N,)
         N, W, B = grid.shape
@@ -1098,28 +968,19 @@ class CaptionEncoder(nn.Module):
         for layer in self.layers:
             x = layer(x, words)                                              # (N, W, D)
         x = self.norm(x)                                                     # (N, W, D)
-        inside = (torch.arange(W, device=device) < words[:, None])[..., None]   # (N, W, 1)
-        count = words[:, None]                                                 # (N, 1)
+        inside = (torch.arange(W, device=device) < words[:, None])[..., None]        # (N, W, 1)
         if self.pool_order == "mlp_then_mean":
-            return x, words, torch.where(inside, self.pool(x), 0).sum(dim=1) / count  # (N, D)
-        return x, words, self.pool(torch.where(inside, x, 0).sum(dim=1) / count)      # (N, D)
+            return x, words, torch.where(inside, self.pool(x), 0).sum(dim=1) / words[:, None]  # (N, D)
+        return x, words, self.pool(torch.where(inside, x, 0).sum(dim=1) / words[:, None])      # (N, D)
 
 
 class TextDiT(DiT):
-    """A DiT conditioned on captions (PixArt-alpha's design, with our own caption encoder):
-    adaLN-Zero blocks that cross-attend to the caption's words, and c = t + the pooled caption.
-    It overrides DiT's conditioning hook and nothing of the forward pass.
+    """A DiT conditioned on captions, as above: it overrides DiT's conditioning hook, nothing of the forward pass.
+    forward(x, t, captions) takes the (N, L) tokens of tokenize(), not strings: a tensor goes wherever labels go
+    (a DataLoader batch, .to(device), torch.cat for guidance). Arguments, all plain (model_args rebuild it): DiT's,
+    caption_dropout_prob (the chance of the empty caption in training), text_depth, max_caption_bytes, caption_pool."""
 
-    forward(x, t, captions) takes the (N, L) tokens of tokenize(), not strings: a tensor goes
-    wherever labels go (a DataLoader batch, .to(device), torch.cat for guidance), and text becomes
-    tokens once per image of the data set, not in every step. PAD marks the lengths.
-
-    Arguments as DiT's, plus caption_dropout_prob (the chance in training that a caption becomes
-    the empty one, the null condition guidance needs), text_depth, max_caption_bytes and
-    caption_pool (CaptionEncoder's). All plain values: a checkpoint's model_args rebuild it."""
-
-    conditions_on = "captions"
-    null_name, dropout_name = "empty caption", "caption"
+    conditions_on, null_name, dropout_name = "captions", "empty caption", "caption"
     guide_colour = False
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28,
@@ -1131,16 +992,14 @@ class TextDiT(DiT):
         super().__init__(input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio,
                          num_classes=None, learn_sigma=learn_sigma, attn_backend=attn_backend,
                          grad_checkpointing=grad_checkpointing, cross_attention=True)
-        self.caption_dropout_prob = caption_dropout_prob
-        self.max_caption_bytes = max_caption_bytes
+        self.caption_dropout_prob, self.max_caption_bytes = caption_dropout_prob, max_caption_bytes
         self.caption_encoder = CaptionEncoder(hidden_size, text_depth, num_heads, mlp_ratio,
                                               max_caption_bytes, attn_backend, caption_pool)
         self.caption_encoder.apply(init_linear)  # initialised as the DiT's own layers
         nn.init.normal_(self.caption_encoder.token_embedder.weight, std=0.02)
 
     def condition(self, t, captions):
-        """(t, captions (N, L) tokens) -> c = t + the pooled caption (N, D), the caption's word
-        features (N, W, D) for the cross-attention, and their counts (N,). Caption dropout here."""
+        """(t, captions (N, L)) -> c = t + pooled caption (N, D), word features (N, W, D), counts (N,); dropout here."""
         if self.training and self.caption_dropout_prob > 0:  # the empty caption in place of some
             drop = torch.rand(captions.shape[0], device=captions.device) < self.caption_dropout_prob  # (N,)
             empty = empty_captions(1, captions.shape[1], captions.device)                          # (1, L)
@@ -1161,8 +1020,7 @@ class TextDiT(DiT):
         return [row[:n] for row, n in zip(captions.tolist(), caption_lengths(captions).tolist())]
 
 
-# Every size of DiT_configs, named "TextDiT-Ti/8" and so on; the encoder adds one layer of the
-# DiT's width within words and text_depth layers (none by default) across them.
+# Every size of DiT_configs as "TextDiT-Ti/8" and so on; the encoder adds a layer of the DiT's width (+ text_depth).
 TextDiT_models = {f"Text{name}": functools.partial(TextDiT, depth=d, hidden_size=h, num_heads=n, patch_size=p)
                   for name, (d, h, n, p) in DiT_configs.items()}
 MODELS = {**DiT_models, **TextDiT_models}  # every preset, by name: what train.py's --model takes
@@ -1181,17 +1039,9 @@ def _flash_attention():
     return flash_attention
 
 
-def _triton_attention(q, k, v, key_lengths=None):
-    """Our kernel; plain calls stay flash_attention(q, k, v)."""
-    kernel = _flash_attention()
-    return kernel(q, k, v) if key_lengths is None else kernel(q, k, v, key_lengths=key_lengths)
+AUTO_TRITON_DEVICES = ("cuda",)  # where "auto" tries the kernel: the device types Triton compiles for here
 
-
-# Where "auto" tries the kernel: the device types Triton compiles for here.
-AUTO_TRITON_DEVICES = ("cuda",)
-
-# What "auto" learned in this process: {(q shape, k shape, dtype, grad, key lengths): whether the
-# kernel ran}. Module-level, like Triton's own compile cache: it describes this machine's GPU.
+# {(q shape, k shape, dtype, grad, key lengths): whether the kernel ran}: it describes this machine's GPU.
 _triton_works = {}
 
 
@@ -1206,13 +1056,12 @@ def _triton_imports():
 
 
 def _triton_runs(q, k, v, key_lengths=None):
-    """One trial of the kernel on copies of q, k, v: the forward, and the backward when gradients
-    will be needed, since the backward kernels compile (and can fail) separately. The trial's own
-    graph keeps its tensors plainly, out of reach of gradient checkpointing's saved-tensor hooks."""
+    """One trial of the kernel on copies of q, k, v: the forward, and the backward if gradients will be needed (its
+    kernels compile, and fail, apart), in a graph of its own, out of reach of gradient checkpointing's hooks."""
     try:
         with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
             q, k, v = (t.detach().requires_grad_(t.requires_grad) for t in (q, k, v))
-            out = _triton_attention(q, k, v, key_lengths)
+            out = attention(q, k, v, "triton", key_lengths)
             if out.requires_grad:
                 out.sum().backward()
         return True
@@ -1227,10 +1076,9 @@ def _triton_runs(q, k, v, key_lengths=None):
 
 
 def _auto_uses_triton(q, k, v, key_lengths=None):
-    """Backend "auto" uses our kernel on a GPU unless Triton cannot be imported, or the kernel
-    fails to compile or launch for this shape: then it warns once, and SDPA takes that shape for
-    the rest of the process (a kernel problem costs speed, not the run; backend="triton" raises
-    instead). With key lengths the kernel is compiled apart, so it is tried apart."""
+    """Backend "auto" uses our kernel on a GPU unless Triton cannot be imported, or the kernel fails
+    to compile or launch for this shape: then it warns once, and SDPA takes that shape for the rest
+    of the process (a kernel problem costs speed, not the run; "triton" raises). Key lengths: another kernel."""
     if q.device.type not in AUTO_TRITON_DEVICES:
         return False
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
