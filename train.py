@@ -7,14 +7,10 @@ Train a DiT (DDPM or flow matching) on a folder of images, by class or by captio
     torchrun --nproc_per_node=4 train.py --preset gpu    # data parallel over 4 GPUs (DDP)
     python train.py --benchmark --model DiT-XL/2 --image-size 32 --batch-size 32   # img/s, MFU
 
-Starting again with the same --out resumes from the newest checkpoint: a run killed at any moment (even SIGKILL)
-ends with the same weights as one never interrupted, on one process or several. SIGINT/SIGTERM save a checkpoint
-first and exit with 130/143. One train.py at a time may use an --out (a lock file says which process). Watch it
-with `tensorboard --logdir runs`.
-
-Reading order: `train()`, the table of contents; the training step and the loop, which are the lesson; set up,
-resume, save and finish; logging and sample grids. Then an appendix of what keeps runs safe (the run directory's
-lock, checkpoint files, processes), the benchmark, and `main`.
+The same --out again resumes from its newest checkpoint: a run killed at any moment (even SIGKILL) ends with the
+same weights as one never interrupted, on one process or several. SIGINT/SIGTERM save first and exit with 130/143.
+One train.py at a time may use an --out (a lock file says which process). Watch it with `tensorboard --logdir runs`.
+Read `train()` first, the table of contents; the step and the loop are the lesson, the appendix what keeps runs safe.
 """
 
 import copy
@@ -322,8 +318,7 @@ class TrainState:
 
 
 # The flags that define the network (flag -> dit.DiT's argument) and its noise process (dit.make_diffusion's): the
-# checkpoint keeps them, so sample.py needs no flags, and a resumed run may not change them. The loss and its
-# weighting may change: saved too, but only training uses them.
+# checkpoint keeps them, so sample.py needs no flags and a resumed run may not change them (the loss may change).
 MODEL_ARGS = {"model": "name", "image_size": "input_size", "learn_sigma": "learn_sigma",
               "class_dropout": "class_dropout_prob", "conditioning": "conditioning"}
 DIFFUSION_ARGS = ("objective", "schedule", "prediction", "learn_sigma", "noise_shift")
@@ -424,8 +419,7 @@ def save(cfg, state, proc):
 def already_finished(cfg, state, proc):
     """A finished run started again: say so and touch nothing."""
     if proc.is_main:
-        print(f"{cfg.out} already finished at step {state.step} (--steps {cfg.steps}); "
-              f"pass a larger --steps to train further")
+        print(f"{cfg.out} already finished at step {state.step} (--steps {cfg.steps}): pass a larger --steps to go on")
     try:
         return json.loads(Path(cfg.out, "summary.json").read_text())
     except (OSError, ValueError):
@@ -444,10 +438,10 @@ def finish(cfg, state, signum, loss, start_step, log, proc):
                    "model": cfg.model, "params": num_params(state.model),
                    "device": str(proc.device), "interrupted": signum is not None}
         Path(cfg.out, "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
-    if signum is not None:
-        if proc.is_main:
+        if signum is not None:
             print(f"stopped by {signal.Signals(signum).name} at step {state.step}; checkpoint saved, "
                   f"run again to resume")
+    if signum is not None:
         if proc.world > 1:  # torchrun ends the others when one rank exits non-zero: rank 0 first
             dist.barrier(group=proc.group)
         raise Stopped(signum)
@@ -525,8 +519,7 @@ class RunLog:
 
 
 def write_graph(writer, model, names):
-    """The network in TensorBoard's Graphs tab, traced once at the start on two zero images (no random numbers
-    drawn: exact resume holds). One the tracer cannot follow is written as text, with a one-line warning."""
+    """The network in TensorBoard's Graphs tab, traced on zero images (no random draws: resume stays exact), or text."""
     s, device = model.input_size, next(model.parameters()).device
     x = torch.zeros(2, model.in_channels, s, s, device=device)
     t, y = torch.zeros(2, dtype=torch.long, device=device), model.conditions(names)[[0, 0]].to(device)
@@ -659,8 +652,7 @@ def checkpoint_name(step):
 
 
 def checkpoint_files(run_dir, folder="checkpoints"):
-    """The checkpoints the trainer wrote in run_dir/folder, highest step first. Only the names it writes count: a
-    user's `step_best.pt` or `step_0000012 copy.pt` is never loaded, and never pruned."""
+    """The checkpoints the trainer wrote in run_dir/folder, newest first: a user's `step_best.pt` is never touched."""
     found = [(int(match[1]), path) for path in Path(run_dir, folder).glob("step_*.pt")
              if (match := CHECKPOINT_NAME.fullmatch(path.name)) and path.is_file()]
     return [path for _, path in sorted(found, reverse=True)]
@@ -711,8 +703,7 @@ def read_checkpoint(path):
 
 
 def upgrade_checkpoint(state):
-    """Every rule for older versions' checkpoints, in one place: what they lack is filled in as those versions
-    meant it, so the rest of the code knows one layout."""
+    """Every rule for older versions' checkpoints, in one place: what they lack is filled in as they meant it."""
     state["config"] = {"conditioning": "adaln-zero", "noise_shift": 1.0, "objective": "ddpm",  # before these
                        "adam_beta2": 0.999, **state["config"]}                               # flags existed
     if not isinstance(state["rng"], list):  # saved before DDP runs kept every rank's streams: rank 0's
@@ -730,8 +721,7 @@ def upgrade_checkpoint(state):
 
 
 def load_checkpoint(path):
-    """A checkpoint file, or a run directory's newest readable one (falling back past a damaged file with a
-    warning). The one loader: train.py resumes with it, sample.py samples."""
+    """A checkpoint file, or a run directory's newest readable one (past a damaged one, warning): the one loader."""
     path = Path(path)
     if path.is_file():
         return read_checkpoint(path)
@@ -793,8 +783,7 @@ def distributed(device_name):
 
 
 def on_rank0(proc, fn, *args):
-    """fn(*args) on rank 0 alone (the one that writes), its error shared with every rank: all stop together
-    instead of the others waiting forever in a collective that rank 0 never joins."""
+    """fn(*args) on rank 0 alone, its error raised on every rank: none waits forever in a collective rank 0 left."""
     result, error = None, None
     if proc.is_main:
         try:
@@ -812,8 +801,7 @@ def on_rank0(proc, fn, *args):
 
 
 def agree_on_stop(signum, proc):
-    """The signal any rank has seen (or None): every rank stops at the same step, so none is left waiting in an
-    all-reduce the others never join. A host-side message, no device sync."""
+    """The signal any rank has seen (or None), by a host-side message: all stop at the same step, none left waiting."""
     if proc.world == 1:
         return signum
     seen = torch.tensor([signum or 0])
@@ -860,8 +848,7 @@ def benchmark(cfg, proc):
     achieved = 3 * 2 * gmacs * batch / dt / 1e3  # TFLOP/s: 2 flops a multiply-add; backward ~ twice the forward
     peaks = {"H100": 989.0, "H200": 989.0, "H100 PCIe": 756.0, "A100": 312.0, "L4": 121.0}  # bf16 TFLOP/s
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    known = [k for k in peaks if k in name]
-    peak = peaks[max(known, key=len)] if known else None  # the longest match: "H100 PCIe"
+    peak = peaks.get(max((k for k in peaks if k in name), key=len, default=""))  # the longest match: "H100 PCIe"
     mfu = f" | MFU {100 * achieved / peak:.1f}% of {peak:.0f}" if peak else ""
     print(f"benchmark | {cfg.model} {s}px | batch {batch} | attn {cfg.attn} | "
           f"{'bf16' if use_bf16(cfg, device) else 'fp32'} | compile {'on' if cfg.compile else 'off'} | "
