@@ -1,6 +1,6 @@
 """
-Configuration: typed dataclasses for training and sampling, named presets, and the one command-line
-parser that train.py and sample.py share.
+Configuration: typed dataclasses for training and sampling, named presets, the one command-line
+parser that train.py and sample.py share, and the checks of flags that need the machine.
 
     python train.py --batch-size 64 --lr=3e-4 --no-hflip     # --key value, --key=value, --no-flag
     python train.py --preset gpu                              # a named preset, then your overrides
@@ -14,8 +14,14 @@ closest valid one, and a value outside its range is refused with the flag and th
 import argparse
 import dataclasses
 import difflib
+import importlib.util
 import math
+import os
 from dataclasses import dataclass, field
+
+import torch
+
+import dit
 
 
 def option(default, help, choices=None, at_least=None, above=None, below=None, at_most=None):
@@ -278,3 +284,36 @@ def parse_args(cls, argv, presets=None):
     if presets is not None:
         base = dataclasses.replace(base, **presets[values.get("preset", base.preset)])
     return dataclasses.replace(base, **values)
+
+
+# -----------------------------------------------------------------------------
+# Checks that need the machine: train.py calls them once it knows its processes and device
+# -----------------------------------------------------------------------------
+
+def check_flags(cfg, world, device):
+    """What a field cannot check alone: flags against each other, the model presets and this machine."""
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by {world} process(es) x "
+                          f"--grad-accum {cfg.grad_accum}: each micro-batch must be the same size")
+    if cfg.objective == "flow" and (cfg.learn_sigma or cfg.prediction == "eps"):
+        raise ConfigError(f"--objective flow predicts v or x0 with no learned variance; drop "
+                          f"{'--learn-sigma' if cfg.learn_sigma else '--prediction eps'} (or use --objective ddpm)")
+    if cfg.model not in dit.MODELS:
+        raise ConfigError(f"--model {cfg.model!r} is not a preset; choose from {', '.join(dit.MODELS)}")
+    patch = dit.MODELS[cfg.model].keywords["patch_size"]
+    if cfg.image_size % patch:
+        raise ConfigError(f"--image-size {cfg.image_size} is not a multiple of {cfg.model}'s patch size {patch}")
+    if cfg.attn == "triton" and importlib.util.find_spec("triton") is None:
+        raise ConfigError("--attn triton: Triton is not installed (pip install triton); use --attn sdpa")
+    if cfg.attn == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError("--attn triton on a CPU runs only in Triton's interpreter: start with "
+                          "TRITON_INTERPRET=1 (slow), or use --attn sdpa")
+
+
+def resolve_device(name):
+    """--device: "auto" is CUDA when there is one; asking for a missing one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu")
+    return torch.device(name)

@@ -16,7 +16,6 @@ Read `train()` first, the table of contents; the step and the loop are the lesso
 import copy
 import csv
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -35,7 +34,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import dit
-from config import ConfigError, SampleConfig, TrainConfig, TRAIN_PRESETS, flag, parse_args
+from config import (ConfigError, SampleConfig, TrainConfig, TRAIN_PRESETS, check_flags, flag, parse_args,
+                    resolve_device)
 from dataset import (CaptionFolder, DatasetError, ImageFolder, ResumableBatchSampler, check_batch_size,
                      ensure_builtin_dataset, grid_prompts)
 
@@ -72,7 +72,7 @@ FAILURES = (ConfigError, DatasetError, CheckpointError, Diverged, OSError)  # OS
 def train(cfg):
     """The table of contents: each stage is a section below, in this order."""
     with distributed(cfg.device) as proc:
-        check_flags(cfg, proc)
+        check_flags(cfg, proc.world, proc.device)
         if cfg.benchmark:
             return benchmark(cfg, proc)
         dataset = load_data(cfg, proc)  # before --out is made: a bad --data leaves nothing behind
@@ -265,26 +265,6 @@ def stop_flag():
 # -----------------------------------------------------------------------------
 # Set up: flags, data, model, EMA and optimizer
 # -----------------------------------------------------------------------------
-
-def check_flags(cfg, proc):
-    """What config.py cannot check alone: flags that depend on each other or on this machine."""
-    if cfg.batch_size % (proc.world * cfg.grad_accum):
-        raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by {proc.world} process(es) x "
-                          f"--grad-accum {cfg.grad_accum}: each micro-batch must be the same size")
-    if cfg.objective == "flow" and (cfg.learn_sigma or cfg.prediction == "eps"):
-        raise ConfigError(f"--objective flow predicts v or x0 with no learned variance; drop "
-                          f"{'--learn-sigma' if cfg.learn_sigma else '--prediction eps'} (or use --objective ddpm)")
-    if cfg.model not in dit.MODELS:
-        raise ConfigError(f"--model {cfg.model!r} is not a preset; choose from {', '.join(dit.MODELS)}")
-    patch = dit.MODELS[cfg.model].keywords["patch_size"]
-    if cfg.image_size % patch:
-        raise ConfigError(f"--image-size {cfg.image_size} is not a multiple of {cfg.model}'s patch size {patch}")
-    if cfg.attn == "triton" and importlib.util.find_spec("triton") is None:
-        raise ConfigError("--attn triton: Triton is not installed (pip install triton); use --attn sdpa")
-    if cfg.attn == "triton" and proc.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ConfigError("--attn triton on a CPU runs only in Triton's interpreter: start with "
-                          "TRITON_INTERPRET=1 (slow), or use --attn sdpa")
-
 
 def load_data(cfg, proc):
     """What the model's y is (DiT.conditions_on) picks the data: class folders, or the captions of metadata.jsonl
@@ -743,14 +723,6 @@ def load_checkpoint(path):
 # Devices and processes: one, or a DDP group that stops and fails together
 # -----------------------------------------------------------------------------
 
-def resolve_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu")
-    return torch.device(name)
-
-
 @dataclasses.dataclass
 class Process:
     rank: int
@@ -838,11 +810,9 @@ def benchmark(cfg, proc):
     with torch.profiler.profile(on_trace_ready=torch.profiler.tensorboard_trace_handler(
             str(Path(cfg.out, "profile")))) if cfg.profile else nullcontext():
         dt = time_steps(train_step, x, y, cfg.lr, device, timed)
-    if device.type == "cuda":
-        mem = torch.cuda.max_memory_allocated(device) / 2**30
-    else:
-        import resource
-        mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+    import resource  # POSIX only, like fcntl: imported where it is used
+    mem = (torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda"
+           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)  # GiB; Linux reports KiB
     with torch.device("meta"):  # the paper's count of the forward pass, on no memory
         gmacs = dit.forward_gmacs(build_model(state.model_args))
     achieved = 3 * 2 * gmacs * batch / dt / 1e3  # TFLOP/s: 2 flops a multiply-add; backward ~ twice the forward
