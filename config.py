@@ -69,7 +69,7 @@ class TrainConfig:
                                  ("uniform", "min_snr", "min_snr_floor"))
     loss: str = option("l2", "elementwise distance of prediction and target", ("l2", "l1"))
     # optimisation
-    steps: int = option(2500, "optimizer steps in total (a resumed run continues to this number)", at_least=1)
+    steps: int = option(3000, "optimizer steps in total (a resumed run continues to this number)", at_least=1)
     batch_size: int = option(32, "images per optimizer step, over all processes and micro-batches", at_least=1)
     grad_accum: int = option(1, "micro-batches per optimizer step (each --batch-size / processes / this)",
                              at_least=1)
