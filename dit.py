@@ -771,10 +771,11 @@ def guided_model_fn(model, y, cfg_scale, interval=(0, math.inf), colour_scale=No
     """model_fn(x, t) for the samplers: the network's output for the conditions y, guided unless both scales are 1:
     pred = pred(x, null) + s * (pred(x, y) - pred(x, null)) in one doubled forward pass, from the null condition
     dropout taught (a ValueError if none). Only the prediction channels are mixed (eps, v and x0 are affine in each
-    other for a shared x_t: the same guidance). interval (lo, hi): guide only at lo <= t < hi (Kynkaanniemi et al.
-    2024): at high noise, where colour and layout are chosen, guidance pulls every sample to the commonest look.
-    colour_scale: the scale of colour alone (each pixel's offset from its RGB mean): a caption without a colour
-    leans to the palette's mean, and guidance multiplies the lean. None: cfg_scale if model.guide_colour, else 1."""
+    other for a shared x_t: the same guidance); the variance channels stay the conditional ones.
+    interval (lo, hi): guide only at lo <= t < hi (Kynkaanniemi et al. 2024): at high noise, where colour and
+    layout are chosen, guidance pulls every sample to the commonest look. colour_scale: the scale of colour alone
+    (each pixel's offset from its RGB mean; pixel-space RGB only): a caption without a colour leans to the
+    palette's mean, and guidance multiplies the lean. None: cfg_scale if model.guide_colour, else 1."""
     if colour_scale is None:
         colour_scale = cfg_scale if model.guide_colour else 1.0
     if cfg_scale == 1 and colour_scale == 1:

@@ -140,9 +140,8 @@ def learning_rate(cfg, step):
 
 
 def ema_decay(cfg, step):
-    """Warmed up: early on, the average must forget the random initialisation quickly. Until the
-    ceiling, step j's weights count about (j / step) ** 18 in the average, a power-function EMA
-    (Karras et al. 2024) whose width keeps in step with a short run's length."""
+    """Warmed up, so that the average forgets the random start quickly: until the ceiling, step j weighs about
+    (j / step) ** 18, a power-function EMA (Karras et al. 2024) as wide as a fixed share of the run."""
     return min(cfg.ema_decay, (1 + step) / (20 + step))
 
 
@@ -244,9 +243,8 @@ class Window:
         return loss
 
     def row(self, step, loss, lr, batch_size, elapsed):
-        dt = time.time() - self.t
         return {"step": step, "loss": loss, "mse": (self.mse / self.n).item(), "grad_norm": self.last_norm.item(),
-                "lr": lr, "img_per_s": self.n * batch_size / dt, "elapsed_s": elapsed}
+                "lr": lr, "img_per_s": self.n * batch_size / (time.time() - self.t), "elapsed_s": elapsed}
 
 
 @contextmanager
@@ -263,7 +261,7 @@ def stop_flag():
 
 
 # -----------------------------------------------------------------------------
-# Set up: flags, data, model, EMA and optimizer
+# Set up: data, model, EMA and optimizer (the flags: config.check_flags)
 # -----------------------------------------------------------------------------
 
 def load_data(cfg, proc):
@@ -810,9 +808,11 @@ def benchmark(cfg, proc):
     with torch.profiler.profile(on_trace_ready=torch.profiler.tensorboard_trace_handler(
             str(Path(cfg.out, "profile")))) if cfg.profile else nullcontext():
         dt = time_steps(train_step, x, y, cfg.lr, device, timed)
-    import resource  # POSIX only, like fcntl: imported where it is used
-    mem = (torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda"
-           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)  # GiB; Linux reports KiB
+    if device.type == "cuda":
+        mem = torch.cuda.max_memory_allocated(device) / 2**30
+    else:
+        import resource  # POSIX only, like fcntl: imported where it is used
+        mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # GiB; Linux reports KiB
     with torch.device("meta"):  # the paper's count of the forward pass, on no memory
         gmacs = dit.forward_gmacs(build_model(state.model_args))
     achieved = 3 * 2 * gmacs * batch / dt / 1e3  # TFLOP/s: 2 flops a multiply-add; backward ~ twice the forward
