@@ -93,6 +93,17 @@ rows are stored as exact zeros). Key blocks entirely past the length are skipped
 lengths are given is a compile-time flag (HAS_KEY_LENGTHS): without them the kernels
 compile to exactly the code they had before the feature, so the image path pays nothing.
 
+Vector loads
+------------
+A tile row is D contiguous elements; a GPU moves it fastest in 16-byte pieces, and only
+such pieces can be copied to shared memory asynchronously, which is what lets the next
+K/V block load while this one is multiplied. The compiler may use them only where it can
+prove every row starts on a 16-byte boundary, and Triton's JIT proves that only from
+arguments divisible by 16: D = 64 or 128 qualify, DiT-XL/2's D = 72 does not, and would
+load one element at a time. So the host computes what it knows of the actual tensors (a
+power of two dividing D, every stride and the data pointer: VEC, in _vector_width) and
+the kernels pass it on with tl.multiple_of and tl.max_constancy.
+
 Two worlds, one source
 ----------------------
 On a CUDA GPU the kernels are compiled and autotuned (block sizes, warps, pipeline
@@ -163,22 +174,36 @@ def _mma(a, b, acc, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(base, offs_row, offs_d, stride_row, stride_d, N, D):
-    """Load a (rows, BLOCK_D) tile of one head; out-of-range entries read as 0."""
+def _tile_ptrs_and_mask(base, offs_row, offs_d, stride_row, stride_d, N, D, VEC: tl.constexpr):
+    """Pointers and in-range mask of a (rows, BLOCK_D) tile of one head.
+
+    VEC (see _vector_width) tells the compiler what the host proved: each row starts on a
+    VEC-element boundary and D is a multiple of VEC. Triton's JIT infers alignment only from
+    values divisible by 16, so without it D = 72 (DiT-XL/2) is loaded one element at a time
+    and the K/V loads are not pipelined; with it they become 16-byte vector copies.
+    """
     ptrs = base + offs_row[:, None] * stride_row + offs_d[None, :] * stride_d
+    ptrs = tl.multiple_of(ptrs, (1, VEC * (base.dtype.element_ty.primitive_bitwidth // 8)))  # in bytes
     # Rows >= N (sequence tail) and columns >= D (head dim padded to a power of two) are
-    # not in memory. Zero is the neutral value: padded head-dim columns add 0 to every dot
-    # product, and the kernels rely on padded rows being exactly zero (see each kernel).
+    # not in memory.
     mask = (offs_row[:, None] < N) & (offs_d[None, :] < D)
+    return ptrs, tl.max_constancy(mask, (1, VEC))
+
+
+@triton.jit
+def _load_tile(base, offs_row, offs_d, stride_row, stride_d, N, D, VEC: tl.constexpr):
+    """Load a (rows, BLOCK_D) tile of one head; out-of-range entries read as 0."""
+    ptrs, mask = _tile_ptrs_and_mask(base, offs_row, offs_d, stride_row, stride_d, N, D, VEC)
+    # Zero is the neutral value: padded head-dim columns add 0 to every dot product, and the
+    # kernels rely on padded rows being exactly zero (see each kernel).
     return tl.load(ptrs, mask=mask, other=0.0)
 
 
 @triton.jit
-def _store_tile(base, value, offs_row, offs_d, stride_row, stride_d, N, D):
+def _store_tile(base, value, offs_row, offs_d, stride_row, stride_d, N, D, VEC: tl.constexpr):
     """Store a (rows, BLOCK_D) tile, skipping the padded rows and head-dim columns."""
-    ptrs = base + offs_row[:, None] * stride_row + offs_d[None, :] * stride_d
+    ptrs, mask = _tile_ptrs_and_mask(base, offs_row, offs_d, stride_row, stride_d, N, D, VEC)
     # The padding exists only in registers: writing it would clobber the next row / head.
-    mask = (offs_row[:, None] < N) & (offs_d[None, :] < D)
     tl.store(ptrs, value.to(base.dtype.element_ty), mask=mask)
 
 
@@ -236,6 +261,7 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr,  # queries owned by one program
     BLOCK_N: tl.constexpr,  # keys processed per loop iteration
     BLOCK_D: tl.constexpr,  # next_power_of_2(D), at least 16 (tl.dot's minimum)
+    VEC: tl.constexpr,  # rows start on, and D is, a multiple of VEC elements (_vector_width)
     DOT_PRECISION: tl.constexpr,  # "tf32" or "ieee", used only for fp32 operands
     HAS_KEY_LENGTHS: tl.constexpr,  # read KEY_LENGTHS, or let every sample attend to all N_KV keys
 ):
@@ -259,7 +285,7 @@ def _attn_fwd_kernel(
 
     # The query tile stays in registers for the whole loop: it is read from HBM once.
     # Query rows past N_Q are zeros: they get finite scores and are never stored.
-    q = _load_tile(q_base, offs_m, offs_d, stride_qn, stride_qd, N_Q, D)  # (BLOCK_M, BLOCK_D)
+    q = _load_tile(q_base, offs_m, offs_d, stride_qn, stride_qd, N_Q, D, VEC)  # (BLOCK_M, BLOCK_D)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running row max (base 2)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(s - m_i)
@@ -267,8 +293,8 @@ def _attn_fwd_kernel(
 
     for start_n in range(0, n_keys, BLOCK_N):
         offs_kv = start_n + offs_n  # (BLOCK_N,)
-        k = _load_tile(k_base, offs_kv, offs_d, stride_kn, stride_kd, n_keys, D)  # (BLOCK_N, BLOCK_D)
-        v = _load_tile(v_base, offs_kv, offs_d, stride_vn, stride_vd, n_keys, D)  # (BLOCK_N, BLOCK_D)
+        k = _load_tile(k_base, offs_kv, offs_d, stride_kn, stride_kd, n_keys, D, VEC)  # (BLOCK_N, BLOCK_D)
+        v = _load_tile(v_base, offs_kv, offs_d, stride_vn, stride_vd, n_keys, D, VEC)  # (BLOCK_N, BLOCK_D)
 
         s = _mma(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_PRECISION)
         s = s * qk_scale  # (BLOCK_M, BLOCK_N)
@@ -293,7 +319,7 @@ def _attn_fwd_kernel(
     # Deferred normalisation (FA2): divide once at the end. l_i >= 1, because the key that
     # set the row max contributed exp2(0) = 1.
     acc = acc / l_i[:, None]
-    _store_tile(o_base, acc, offs_m, offs_d, stride_on, stride_od, N_Q, D)
+    _store_tile(o_base, acc, offs_m, offs_d, stride_on, stride_od, N_Q, D, VEC)
 
     # Base-2 logsumexp: lets the backward rebuild P with one exp2 and no max/sum pass.
     lse = m_i + tl.math.log2(l_i)  # (BLOCK_M,)
@@ -315,14 +341,15 @@ def _attn_bwd_preprocess_kernel(
     H, N_Q, D,  # heads, number of queries, head dim
     BLOCK_M: tl.constexpr,  # rows per program
     BLOCK_D: tl.constexpr,  # padded head dim
+    VEC: tl.constexpr,  # the tiles' proven vector width in elements
 ):
     off_b, off_h, pid_bh, pid_m = _split_program_id(N_Q, H, BLOCK_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
     offs_d = tl.arange(0, BLOCK_D)  # (BLOCK_D,)
     o = _load_tile(O + off_b * stride_ob + off_h * stride_oh,
-                   offs_m, offs_d, stride_on, stride_od, N_Q, D)  # (BLOCK_M, BLOCK_D)
+                   offs_m, offs_d, stride_on, stride_od, N_Q, D, VEC)  # (BLOCK_M, BLOCK_D)
     do = _load_tile(DO + off_b * stride_dob + off_h * stride_doh,
-                    offs_m, offs_d, stride_don, stride_dod, N_Q, D)  # (BLOCK_M, BLOCK_D)
+                    offs_m, offs_d, stride_don, stride_dod, N_Q, D, VEC)  # (BLOCK_M, BLOCK_D)
     # delta = rowsum(P * dP) = rowsum(dO * O): one dot product per row instead of an
     # N_kv-long reduction over P, and fp32 because it is subtracted from dP (cancellation).
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)  # (BLOCK_M,)
@@ -345,6 +372,7 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr,  # queries processed per loop iteration
     BLOCK_N: tl.constexpr,  # keys owned by one program
     BLOCK_D: tl.constexpr,  # padded head dim
+    VEC: tl.constexpr,  # the tiles' proven vector width in elements
     DOT_PRECISION: tl.constexpr,  # "tf32" or "ieee" for fp32 operands
     HAS_KEY_LENGTHS: tl.constexpr,  # read KEY_LENGTHS, or let every sample attend to all N_KV keys
 ):
@@ -365,9 +393,9 @@ def _attn_bwd_dkdv_kernel(
     # are stored: they must come out exactly zero, which P = 0 below ensures.
     n_keys = _num_keys(KEY_LENGTHS, off_b, N_KV, HAS_KEY_LENGTHS)
     k = _load_tile(K + off_b * stride_kb + off_h * stride_kh,
-                   offs_n, offs_d, stride_kn, stride_kd, n_keys, D)  # (BLOCK_N, BLOCK_D)
+                   offs_n, offs_d, stride_kn, stride_kd, n_keys, D, VEC)  # (BLOCK_N, BLOCK_D)
     v = _load_tile(V + off_b * stride_vb + off_h * stride_vh,
-                   offs_n, offs_d, stride_vn, stride_vd, n_keys, D)  # (BLOCK_N, BLOCK_D)
+                   offs_n, offs_d, stride_vn, stride_vd, n_keys, D, VEC)  # (BLOCK_N, BLOCK_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -378,8 +406,8 @@ def _attn_bwd_dkdv_kernel(
         q_end = tl.where(pid_n * BLOCK_N < n_keys, N_Q, 0)
     for start_m in range(0, q_end, BLOCK_M):
         offs_m = start_m + offs_m0  # (BLOCK_M,)
-        q = _load_tile(q_base, offs_m, offs_d, stride_qn, stride_qd, N_Q, D)  # (BLOCK_M, BLOCK_D)
-        do = _load_tile(do_base, offs_m, offs_d, stride_don, stride_dod, N_Q, D)  # (BLOCK_M, BLOCK_D)
+        q = _load_tile(q_base, offs_m, offs_d, stride_qn, stride_qd, N_Q, D, VEC)  # (BLOCK_M, BLOCK_D)
+        do = _load_tile(do_base, offs_m, offs_d, stride_don, stride_dod, N_Q, D, VEC)  # (BLOCK_M, BLOCK_D)
         # Query rows past N_Q load q = dO = 0 and lse = delta = 0, so their scores are 0 and
         # P = exp2(0) = 1: finite, and multiplied by exact zeros in both sums below
         # (dO = 0 in P^T dO; dS = P * (dO V^T - 0) = 0 in dS^T Q). No mask is needed.
@@ -405,8 +433,8 @@ def _attn_bwd_dkdv_kernel(
 
     # S = scale * Q K^T, so the scale reappears once in dK (applied after the sum, in fp32).
     dk = dk * sm_scale
-    _store_tile(DK + off_b * stride_gb + off_h * stride_gh, dk, offs_n, offs_d, stride_gn, stride_gd, N_KV, D)
-    _store_tile(DV + off_b * stride_gb + off_h * stride_gh, dv, offs_n, offs_d, stride_gn, stride_gd, N_KV, D)
+    _store_tile(DK + off_b * stride_gb + off_h * stride_gh, dk, offs_n, offs_d, stride_gn, stride_gd, N_KV, D, VEC)
+    _store_tile(DV + off_b * stride_gb + off_h * stride_gh, dv, offs_n, offs_d, stride_gn, stride_gd, N_KV, D, VEC)
 
 
 @triton.jit
@@ -425,6 +453,7 @@ def _attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr,  # queries owned by one program
     BLOCK_N: tl.constexpr,  # keys processed per loop iteration
     BLOCK_D: tl.constexpr,  # padded head dim
+    VEC: tl.constexpr,  # the tiles' proven vector width in elements
     DOT_PRECISION: tl.constexpr,  # "tf32" or "ieee" for fp32 operands
     HAS_KEY_LENGTHS: tl.constexpr,  # read KEY_LENGTHS, or let every sample attend to all N_KV keys
 ):
@@ -438,9 +467,9 @@ def _attn_bwd_dq_kernel(
     qk_scale = sm_scale * LOG2E
 
     q = _load_tile(Q + off_b * stride_qb + off_h * stride_qh,
-                   offs_m, offs_d, stride_qn, stride_qd, N_Q, D)  # (BLOCK_M, BLOCK_D)
+                   offs_m, offs_d, stride_qn, stride_qd, N_Q, D, VEC)  # (BLOCK_M, BLOCK_D)
     do = _load_tile(DO + off_b * stride_dob + off_h * stride_doh,
-                    offs_m, offs_d, stride_don, stride_dod, N_Q, D)  # (BLOCK_M, BLOCK_D)
+                    offs_m, offs_d, stride_don, stride_dod, N_Q, D, VEC)  # (BLOCK_M, BLOCK_D)
     # Query rows past N_Q read lse = delta = 0: their P stays finite and their dQ rows are
     # never stored.
     lse = tl.load(LSE + pid_bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)  # (BLOCK_M,)
@@ -452,8 +481,8 @@ def _attn_bwd_dq_kernel(
 
     for start_n in range(0, n_keys, BLOCK_N):
         offs_n = start_n + offs_n0  # (BLOCK_N,)
-        k = _load_tile(k_base, offs_n, offs_d, stride_kn, stride_kd, n_keys, D)  # (BLOCK_N, BLOCK_D)
-        v = _load_tile(v_base, offs_n, offs_d, stride_vn, stride_vd, n_keys, D)  # (BLOCK_N, BLOCK_D)
+        k = _load_tile(k_base, offs_n, offs_d, stride_kn, stride_kd, n_keys, D, VEC)  # (BLOCK_N, BLOCK_D)
+        v = _load_tile(v_base, offs_n, offs_d, stride_vn, stride_vd, n_keys, D, VEC)  # (BLOCK_N, BLOCK_D)
 
         s = _mma(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_PRECISION)
         # Keys past n_keys get score -inf, hence P = 0, exactly as in the forward pass. Unlike
@@ -466,7 +495,7 @@ def _attn_bwd_dq_kernel(
         dq = _mma(ds.to(k.dtype), k, dq, DOT_PRECISION)  # (BLOCK_M, BLOCK_D)
 
     dq = dq * sm_scale
-    _store_tile(DQ + off_b * stride_gb + off_h * stride_gh, dq, offs_m, offs_d, stride_gn, stride_gd, N_Q, D)
+    _store_tile(DQ + off_b * stride_gb + off_h * stride_gh, dq, offs_m, offs_d, stride_gn, stride_gd, N_Q, D, VEC)
 
 
 # ---------------------------------------------------------------------------------------
@@ -504,10 +533,10 @@ def _prune_by_length(configs, named_args, **kwargs):
 
 def _autotuned(kernel, configs):
     # Keyed on the lengths and D (the autotuner adds the tensors' dtypes to the key by itself),
-    # and on HAS_KEY_LENGTHS, since with and without lengths are two compiled kernels.
+    # and on HAS_KEY_LENGTHS and VEC, since each value of them is a compiled kernel of its own.
     # Every kernel writes its outputs without reading them, so benchmarking a config
     # several times cannot corrupt the result and no reset_to_zero is needed.
-    return triton.autotune(configs=configs, key=["N_Q", "N_KV", "D", "HAS_KEY_LENGTHS"],
+    return triton.autotune(configs=configs, key=["N_Q", "N_KV", "D", "HAS_KEY_LENGTHS", "VEC"],
                            prune_configs_by={"early_config_prune": _prune_by_length})(kernel)
 
 
@@ -539,11 +568,27 @@ def _launch(name, plain, tuned, grid, *args, **meta):
         tuned[grid](*args, **meta)
 
 
-def _kernel_meta(q, key_lengths):
-    """Compile-time arguments shared by the attention kernels."""
+def _vector_width(*tensors):
+    """The most elements (a power of two, at most 16 bytes) that one load or store of a tile row may
+    move in every tensor: the head dim is contiguous, and D, every other stride and the data pointer
+    are multiples of it. 1 when some head dim is strided (or expanded, stride 0)."""
+    vec = 16 // tensors[0].element_size()
+    for t in tensors:
+        if t.stride(-1) != 1:
+            return 1
+        for n in (t.shape[-1], t.data_ptr() // t.element_size(), *t.stride()[:-1]):
+            while n % vec:
+                vec //= 2
+    return vec
+
+
+def _kernel_meta(q, key_lengths, *tensors):
+    """Compile-time arguments shared by the attention kernels; `tensors` are every tile the launch reads
+    or writes."""
     # fp32 inputs follow PyTorch's own switch for TF32 matmuls.
     fp32_exact = q.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
     return {"BLOCK_D": max(16, triton.next_power_of_2(q.shape[-1])),
+            "VEC": _vector_width(q, *tensors),
             "DOT_PRECISION": "ieee" if fp32_exact else "tf32",
             # Without lengths, KEY_LENGTHS is None and the kernels compile as if it did not exist.
             "HAS_KEY_LENGTHS": key_lengths is not None}
@@ -566,7 +611,7 @@ def _flash_attn_forward(q, k, v, sm_scale, key_lengths=None):
     lse = torch.empty((B, H, N_q), dtype=torch.float32, device=q.device)  # (B, H, N_q)
     if o.numel() == 0:
         return o, lse
-    meta = _kernel_meta(q, key_lengths)
+    meta = _kernel_meta(q, key_lengths, k, v, o)
     grid = lambda META: (triton.cdiv(N_q, META["BLOCK_M"]) * B * H,)  # noqa: E731
     with _device_guard(q):
         _launch("fwd", _attn_fwd_kernel, _attn_fwd_tuned, grid,
@@ -587,11 +632,11 @@ def _flash_attn_backward(do, q, k, v, o, lse, sm_scale, key_lengths=None):
     if dq.numel() == 0:  # no queries (or no batch, heads, head dim): nothing flows back
         return dq, dk.zero_(), dv.zero_()
     delta = torch.empty((B, H, N_q), dtype=torch.float32, device=q.device)  # (B, H, N_q)
-    meta = _kernel_meta(q, key_lengths)
+    meta = _kernel_meta(q, key_lengths, k, v, o, do, dq, dk, dv)
     with _device_guard(q):
         _attn_bwd_preprocess_kernel[(triton.cdiv(N_q, _PREPROCESS_BLOCK_M) * B * H,)](
             o, do, delta, *o.stride(), *do.stride(), H, N_q, D,
-            BLOCK_M=_PREPROCESS_BLOCK_M, BLOCK_D=meta["BLOCK_D"])  # delta needs no key lengths
+            BLOCK_M=_PREPROCESS_BLOCK_M, BLOCK_D=meta["BLOCK_D"], VEC=meta["VEC"])  # no key lengths needed
         # The two kernels are independent given delta; each writes its outputs alone.
         _launch("dkdv", _attn_bwd_dkdv_kernel, _attn_bwd_dkdv_tuned,
                 lambda META: (triton.cdiv(N_kv, META["BLOCK_N"]) * B * H,),

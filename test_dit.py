@@ -1686,11 +1686,13 @@ def test_key_lengths_are_checked_by_the_kernel_and_every_backend():
 # -----------------------------------------------------------------------------
 
 def _compile_kernels_for_sm90():
-    """Compile each kernel for sm_90 (H100) without a GPU; (name, dtype, shared bytes) each.
+    """Compile each kernel for sm_90 (H100) without a GPU, specialised as Triton's JIT specialises
+    a launch on contiguous (B, H, N, D) tensors; (name, dtype, D, shared bytes, scalar loads) each.
 
     Runs in a fresh process without TRITON_INTERPRET (see the test below), so everything
     it needs is imported here.
     """
+    import torch
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -1701,20 +1703,26 @@ def _compile_kernels_for_sm90():
     # One configuration from each autotune list at the largest head dim (BLOCK_D = 128):
     # big bf16 tiles as training uses them, and the fp32 forward (TF32 tensor cores) in
     # small tiles. The preprocess kernel has no tl.dot and is not autotuned. The three
-    # attention kernels again with per-sample key lengths (text conditioning).
-    cases = [  # (kernel, dtype, block sizes, warps, stages, key lengths)
-        (fa._attn_fwd_kernel, "bf16", {"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3, False),
-        (fa._attn_bwd_dkdv_kernel, "bf16", {"BLOCK_M": 64, "BLOCK_N": 128}, 8, 3, False),
-        (fa._attn_bwd_dq_kernel, "bf16", {"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3, False),
-        (fa._attn_bwd_preprocess_kernel, "bf16", {"BLOCK_M": 64}, 4, 1, False),
-        (fa._attn_fwd_kernel, "fp32", {"BLOCK_M": 64, "BLOCK_N": 32}, 4, 3, False),
-        (fa._attn_fwd_kernel, "bf16", {"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3, True),
-        (fa._attn_bwd_dkdv_kernel, "bf16", {"BLOCK_M": 64, "BLOCK_N": 128}, 8, 3, True),
-        (fa._attn_bwd_dq_kernel, "bf16", {"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3, True),
+    # attention kernels again with per-sample key lengths (text conditioning), and at
+    # DiT-XL/2's head dim of 72, which Triton's JIT alone cannot prove aligned.
+    cases = [  # (kernel, dtype, D, block sizes, warps, stages, key lengths)
+        (fa._attn_fwd_kernel, "bf16", 128, {"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3, False),
+        (fa._attn_bwd_dkdv_kernel, "bf16", 128, {"BLOCK_M": 64, "BLOCK_N": 128}, 8, 3, False),
+        (fa._attn_bwd_dq_kernel, "bf16", 128, {"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3, False),
+        (fa._attn_bwd_preprocess_kernel, "bf16", 128, {"BLOCK_M": 64}, 4, 1, False),
+        (fa._attn_fwd_kernel, "fp32", 128, {"BLOCK_M": 64, "BLOCK_N": 32}, 4, 3, False),
+        (fa._attn_fwd_kernel, "bf16", 128, {"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3, True),
+        (fa._attn_bwd_dkdv_kernel, "bf16", 128, {"BLOCK_M": 64, "BLOCK_N": 128}, 8, 3, True),
+        (fa._attn_bwd_dq_kernel, "bf16", 128, {"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3, True),
+        (fa._attn_fwd_kernel, "bf16", 72, {"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3, False),
+        (fa._attn_bwd_dkdv_kernel, "bf16", 72, {"BLOCK_M": 64, "BLOCK_N": 128}, 8, 3, False),
+        (fa._attn_bwd_dq_kernel, "bf16", 72, {"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3, False),
     ]
+    H, N = 16, 1024
     results = []
-    for kernel, dtype, blocks, warps, stages, lengths in cases:
-        constexprs = {**blocks, "BLOCK_D": 128}
+    for kernel, dtype, D, blocks, warps, stages, lengths in cases:
+        x = torch.empty(2, H, N, D, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
+        constexprs = {**blocks, "BLOCK_D": triton.next_power_of_2(D), "VEC": fa._vector_width(x)}
         if "DOT_PRECISION" in kernel.arg_names:
             constexprs["DOT_PRECISION"] = "tf32"
         if "HAS_KEY_LENGTHS" in kernel.arg_names:
@@ -1722,44 +1730,71 @@ def _compile_kernels_for_sm90():
             constexprs["HAS_KEY_LENGTHS"] = lengths
             if not lengths:
                 constexprs["KEY_LENGTHS"] = None
-        types = {}  # Triton's type for every argument
-        for name in kernel.arg_names:
+        types, aligned = {}, []  # Triton's type for every argument; those the JIT marks divisible by 16
+        for i, name in enumerate(kernel.arg_names):
+            if name.startswith("stride") and name[-1] == "d":
+                constexprs[name] = 1  # the JIT turns an integer argument equal to 1 into a constant
             if name in constexprs:
                 types[name] = "constexpr"
-            elif name == "KEY_LENGTHS":
-                types[name] = "*i32"
-            elif name in ("LSE", "DELTA"):
-                types[name] = "*fp32"
-            elif name == "sm_scale":
-                types[name] = "fp32"
             elif name.startswith("stride") or name in ("H", "N_Q", "N_KV", "D"):
                 types[name] = "i32"
-            else:  # Q, K, V, O and their gradients
-                types[name] = "*" + dtype
+                value = {"b": H * N * D, "h": N * D, "n": D}[name[-1]] if name.startswith("stride") else \
+                    {"H": H, "N_Q": N, "N_KV": N, "D": D}[name]
+                if value % 16 == 0:
+                    aligned.append(i)
+            elif name == "sm_scale":
+                types[name] = "fp32"
+            else:  # pointers: allocations are 16-byte aligned
+                types[name] = {"KEY_LENGTHS": "*i32", "LSE": "*fp32", "DELTA": "*fp32"}.get(name, "*" + dtype)
+                aligned.append(i)
         src = ASTSource(fn=kernel, signature=types,
-                        constexprs={(kernel.arg_names.index(n),): v for n, v in constexprs.items()})
+                        constexprs={(kernel.arg_names.index(n),): v for n, v in constexprs.items()},
+                        attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 64),
                                   options={"num_warps": warps, "num_stages": stages})
-        results.append((kernel.__name__ + (" with key lengths" if lengths else ""), dtype,
-                        compiled.metadata.shared))
+        results.append((kernel.__name__ + (" with key lengths" if lengths else ""), dtype, D,
+                        compiled.metadata.shared, "ld.global.b16" in compiled.asm["ptx"]))
     return results
 
 
 def test_kernels_compile_for_hopper():
     # The interpreter runs the kernels as Python, so it never meets what only the compiler
-    # checks: types, tl.dot shapes, the constexpr branch in _mma, shared memory. Triton can
-    # compile for a GPU it does not have. That needs a process where neither Triton nor the
-    # kernels were set up for the interpreter, so the function above runs in a fresh one.
+    # checks: types, tl.dot shapes, the constexpr branch in _mma, shared memory, whether a
+    # tile is loaded in 16-byte vectors or one element at a time. Triton can compile for a
+    # GPU it does not have. That needs a process where neither Triton nor the kernels were
+    # set up for the interpreter, so the function above runs in a fresh one.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = inspect.getsource(_compile_kernels_for_sm90) + "\nprint(json.dumps(_compile_kernels_for_sm90()))"
     proc = subprocess.run([sys.executable, "-c", "import json\n" + code], env=env, cwd=Path(__file__).parent,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(results) == 8
-    for name, dtype, shared in results:
+    assert len(results) == 11
+    for name, dtype, d, shared, scalar_loads in results:
         # 227 KiB is the most shared memory one thread block may use on an H100.
-        assert 0 < shared <= 227 * 1024, (name, dtype, shared)
+        assert 0 < shared <= 227 * 1024, (name, dtype, d, shared)
+        # bf16 tiles move in 16-byte vectors; at D = 72 only _vector_width's hint makes them.
+        assert not (dtype == "bf16" and scalar_loads), (name, dtype, d, "loads one bf16 element at a time")
+
+
+def test_vector_width_divides_every_row_start_and_the_head_dim():
+    # The kernels tell the compiler that every tile row starts on a multiple of VEC elements:
+    # a VEC too large would make misaligned vector loads on a GPU (wrong values or a fault).
+    vw = flash_attn_triton._vector_width
+    bf16 = dict(dtype=torch.bfloat16)
+    assert vw(torch.empty(2, 16, 256, 72, **bf16)) == 8  # DiT-XL/2: 16 bytes
+    assert vw(torch.empty(2, 16, 256, 72)) == 4  # fp32: 16 bytes are 4 elements
+    assert vw(torch.empty(2, 4, 10, 100, **bf16)) == 4  # 100 = 4 * 25
+    assert vw(torch.empty(2, 4, 10, 36, **bf16), torch.empty(2, 4, 10, 64, **bf16)) == 4  # the weakest tensor
+    qkv = torch.empty(2, 256, 3, 16, 72, **bf16).permute(2, 0, 3, 1, 4)  # dit.py's fused projection
+    assert vw(qkv[0], qkv[1], qkv[2]) == 8
+    x = torch.empty(2, 4, 10, 80, **bf16)
+    assert vw(x[..., 1:73]) == 1  # the pointer is one element past an aligned address
+    assert vw(x[..., 2:74]) == 2
+    assert vw(x.transpose(-1, -2)) == 1  # a strided head dim: no vectors
+    assert vw(torch.empty(2, 4, 10, 1, **bf16).expand(2, 4, 10, 72)) == 1  # expanded gradient, stride 0
+    assert vw(torch.empty(2, 4, 9, 72, **bf16)[:, :, ::3]) == 8  # row stride 216 = 8 * 27
+    assert vw(torch.empty(3, 4, 10, 72, **bf16)[:, 1:]) == 8
 
 
 # -----------------------------------------------------------------------------
