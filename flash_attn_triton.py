@@ -183,11 +183,13 @@ def _tile_ptrs_and_mask(base, offs_row, offs_d, stride_row, stride_d, N, D, VEC:
     and the K/V loads are not pipelined; with it they become 16-byte vector copies.
     """
     ptrs = base + offs_row[:, None] * stride_row + offs_d[None, :] * stride_d
-    ptrs = tl.multiple_of(ptrs, (1, VEC * (base.dtype.element_ty.primitive_bitwidth // 8)))  # in bytes
     # Rows >= N (sequence tail) and columns >= D (head dim padded to a power of two) are
     # not in memory.
     mask = (offs_row[:, None] < N) & (offs_d[None, :] < D)
-    return ptrs, tl.max_constancy(mask, (1, VEC))
+    if VEC > 1:  # a hint replaces what the compiler inferred: VEC = 1 (a strided tensor) gives none
+        ptrs = tl.multiple_of(ptrs, (1, VEC * (base.dtype.element_ty.primitive_bitwidth // 8)))  # in bytes
+        mask = tl.max_constancy(mask, (1, VEC))
+    return ptrs, mask
 
 
 @triton.jit

@@ -1686,74 +1686,41 @@ def test_key_lengths_are_checked_by_the_kernel_and_every_backend():
 # -----------------------------------------------------------------------------
 
 def _compile_kernels_for_sm90():
-    """Compile each kernel for sm_90 (H100) without a GPU, specialised as Triton's JIT specialises
-    a launch on contiguous (B, H, N, D) tensors; (name, dtype, D, shared bytes, scalar loads) each.
+    """Compile kernels for sm_90 (H100) without a GPU; (name, dtype, D, VEC, shared bytes, scalar loads) each.
 
     Runs in a fresh process without TRITON_INTERPRET (see the test below), so everything
     it needs is imported here.
     """
-    import torch
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
+    sys.path.insert(0, "assets")
     import flash_attn_triton as fa
+    from gpu_check import compile_for_sm90, resources
 
     assert not fa._INTERPRET
     # One configuration from each autotune list at the largest head dim (BLOCK_D = 128):
     # big bf16 tiles as training uses them, and the fp32 forward (TF32 tensor cores) in
     # small tiles. The preprocess kernel has no tl.dot and is not autotuned. The three
     # attention kernels again with per-sample key lengths (text conditioning), and at
-    # DiT-XL/2's head dim of 72, which Triton's JIT alone cannot prove aligned.
-    cases = [  # (kernel, dtype, D, block sizes, warps, stages, key lengths)
-        (fa._attn_fwd_kernel, "bf16", 128, {"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3, False),
-        (fa._attn_bwd_dkdv_kernel, "bf16", 128, {"BLOCK_M": 64, "BLOCK_N": 128}, 8, 3, False),
-        (fa._attn_bwd_dq_kernel, "bf16", 128, {"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3, False),
-        (fa._attn_bwd_preprocess_kernel, "bf16", 128, {"BLOCK_M": 64}, 4, 1, False),
-        (fa._attn_fwd_kernel, "fp32", 128, {"BLOCK_M": 64, "BLOCK_N": 32}, 4, 3, False),
-        (fa._attn_fwd_kernel, "bf16", 128, {"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3, True),
-        (fa._attn_bwd_dkdv_kernel, "bf16", 128, {"BLOCK_M": 64, "BLOCK_N": 128}, 8, 3, True),
-        (fa._attn_bwd_dq_kernel, "bf16", 128, {"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3, True),
-        (fa._attn_fwd_kernel, "bf16", 72, {"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3, False),
-        (fa._attn_bwd_dkdv_kernel, "bf16", 72, {"BLOCK_M": 64, "BLOCK_N": 128}, 8, 3, False),
-        (fa._attn_bwd_dq_kernel, "bf16", 72, {"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3, False),
+    # DiT-XL/2's head dim of 72, which Triton's JIT alone cannot prove aligned. Last, a
+    # launch whose tensors the host could not prove aligned (VEC = 1) at D = 64.
+    cases = [  # (kernel, dtype, D, block sizes, warps, stages, key lengths, VEC: None for the launcher's)
+        (fa._attn_fwd_kernel, "bf16", 128, {"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3, False, None),
+        (fa._attn_bwd_dkdv_kernel, "bf16", 128, {"BLOCK_M": 64, "BLOCK_N": 128}, 8, 3, False, None),
+        (fa._attn_bwd_dq_kernel, "bf16", 128, {"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3, False, None),
+        (fa._attn_bwd_preprocess_kernel, "bf16", 128, {"BLOCK_M": 64}, 4, 1, False, None),
+        (fa._attn_fwd_kernel, "fp32", 128, {"BLOCK_M": 64, "BLOCK_N": 32}, 4, 3, False, None),
+        (fa._attn_fwd_kernel, "bf16", 128, {"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3, True, None),
+        (fa._attn_bwd_dkdv_kernel, "bf16", 128, {"BLOCK_M": 64, "BLOCK_N": 128}, 8, 3, True, None),
+        (fa._attn_bwd_dq_kernel, "bf16", 128, {"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3, True, None),
+        (fa._attn_fwd_kernel, "bf16", 72, {"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3, False, None),
+        (fa._attn_bwd_dkdv_kernel, "bf16", 72, {"BLOCK_M": 64, "BLOCK_N": 128}, 8, 3, False, None),
+        (fa._attn_bwd_dq_kernel, "bf16", 72, {"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3, False, None),
+        (fa._attn_fwd_kernel, "bf16", 64, {"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3, False, 1),
     ]
-    H, N = 16, 1024
     results = []
-    for kernel, dtype, D, blocks, warps, stages, lengths in cases:
-        x = torch.empty(2, H, N, D, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
-        constexprs = {**blocks, "BLOCK_D": triton.next_power_of_2(D), "VEC": fa._vector_width(x)}
-        if "DOT_PRECISION" in kernel.arg_names:
-            constexprs["DOT_PRECISION"] = "tf32"
-        if "HAS_KEY_LENGTHS" in kernel.arg_names:
-            # Without lengths the launcher passes KEY_LENGTHS=None, which Triton makes a constexpr.
-            constexprs["HAS_KEY_LENGTHS"] = lengths
-            if not lengths:
-                constexprs["KEY_LENGTHS"] = None
-        types, aligned = {}, []  # Triton's type for every argument; those the JIT marks divisible by 16
-        for i, name in enumerate(kernel.arg_names):
-            if name.startswith("stride") and name[-1] == "d":
-                constexprs[name] = 1  # the JIT turns an integer argument equal to 1 into a constant
-            if name in constexprs:
-                types[name] = "constexpr"
-            elif name.startswith("stride") or name in ("H", "N_Q", "N_KV", "D"):
-                types[name] = "i32"
-                value = {"b": H * N * D, "h": N * D, "n": D}[name[-1]] if name.startswith("stride") else \
-                    {"H": H, "N_Q": N, "N_KV": N, "D": D}[name]
-                if value % 16 == 0:
-                    aligned.append(i)
-            elif name == "sm_scale":
-                types[name] = "fp32"
-            else:  # pointers: allocations are 16-byte aligned
-                types[name] = {"KEY_LENGTHS": "*i32", "LSE": "*fp32", "DELTA": "*fp32"}.get(name, "*" + dtype)
-                aligned.append(i)
-        src = ASTSource(fn=kernel, signature=types,
-                        constexprs={(kernel.arg_names.index(n),): v for n, v in constexprs.items()},
-                        attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 64),
-                                  options={"num_warps": warps, "num_stages": stages})
-        results.append((kernel.__name__ + (" with key lengths" if lengths else ""), dtype, D,
-                        compiled.metadata.shared, "ld.global.b16" in compiled.asm["ptx"]))
+    for kernel, dtype, D, blocks, warps, stages, lengths, vec in cases:
+        r = resources(compile_for_sm90(kernel, dtype, D, blocks, warps, stages, lengths, vec))
+        results.append((kernel.__name__ + (" with key lengths" if lengths else ""), dtype, D, vec,
+                        r["shared"], r["scalar_loads"]))
     return results
 
 
@@ -1765,16 +1732,17 @@ def test_kernels_compile_for_hopper():
     # set up for the interpreter, so the function above runs in a fresh one.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = inspect.getsource(_compile_kernels_for_sm90) + "\nprint(json.dumps(_compile_kernels_for_sm90()))"
-    proc = subprocess.run([sys.executable, "-c", "import json\n" + code], env=env, cwd=Path(__file__).parent,
+    proc = subprocess.run([sys.executable, "-c", "import json, sys\n" + code], env=env, cwd=Path(__file__).parent,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(results) == 11
-    for name, dtype, d, shared, scalar_loads in results:
+    assert len(results) == 12
+    for name, dtype, d, vec, shared, scalar_loads in results:
         # 227 KiB is the most shared memory one thread block may use on an H100.
         assert 0 < shared <= 227 * 1024, (name, dtype, d, shared)
-        # bf16 tiles move in 16-byte vectors; at D = 72 only _vector_width's hint makes them.
-        assert not (dtype == "bf16" and scalar_loads), (name, dtype, d, "loads one bf16 element at a time")
+        # bf16 tiles move in 16-byte vectors: at D = 72 only through _vector_width's hint, and a
+        # hint of VEC = 1 must not take from D = 64 the vectors the compiler finds by itself.
+        assert not (dtype == "bf16" and scalar_loads), (name, dtype, d, vec, "loads one bf16 element at a time")
 
 
 def test_vector_width_divides_every_row_start_and_the_head_dim():

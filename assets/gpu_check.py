@@ -5,6 +5,7 @@ The stages of the GPU check (assets/gpu_check.sh, issue 21) that are not a scrip
     python assets/gpu_check.py step --out b_step.txt      # (b) one DiT-S/2 step: triton = sdpa in bf16
     python assets/gpu_check.py train --out d_train.md     # (d) train.py --benchmark rows, DiT-XL/2 and S/2
     python assets/gpu_check.py preset --out e_preset.txt --grid e_grid.png --work DIR   # (e) --preset gpu
+    python assets/gpu_check.py compile --out compile.md   # no GPU needed: every candidate compiled for sm_90
 
 Stage (c), the kernel table, is `assets/benchmark_attention.py --autotune quick`. Each stage rewrites
 its result file as results come in, so one cut off by its time limit leaves what it finished. Exit
@@ -23,7 +24,9 @@ import os
 import platform
 import re
 import shutil
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import namedtuple
@@ -473,9 +476,102 @@ def stage_preset(args):
 # Command line
 # -----------------------------------------------------------------------------
 
+# -----------------------------------------------------------------------------
+# Without a GPU: the kernels compiled for an H100 (sm_90)
+# -----------------------------------------------------------------------------
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SHARED_LIMIT = 227 * 1024  # the most shared memory one thread block may use on an H100
+
+
+def compile_for_sm90(kernel, dtype, D, blocks, warps, stages, key_lengths=False, vec=None, H=16, N=1024):
+    """One kernel config compiled for an H100 on any machine (Triton can target a GPU it does not
+    have), specialised as Triton's JIT specialises a launch on contiguous (B, H, N, D) tensors:
+    integer arguments equal to 1 become constants, those divisible by 16 (and the pointers) are marked
+    so, and VEC is what the launcher would compute (or `vec`). Needs a process without TRITON_INTERPRET."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    vec = vec or flash_attn_triton._vector_width(torch.empty(2, H, N, D, dtype=DTYPES[dtype]))
+    constexprs = {**blocks, "BLOCK_D": max(16, triton.next_power_of_2(D)), "VEC": vec}
+    if "DOT_PRECISION" in kernel.arg_names:
+        constexprs["DOT_PRECISION"] = "tf32"
+    if "HAS_KEY_LENGTHS" in kernel.arg_names:
+        constexprs["HAS_KEY_LENGTHS"] = key_lengths
+        if not key_lengths:
+            constexprs["KEY_LENGTHS"] = None  # the launcher passes None, which Triton makes a constant
+    values = {"H": H, "N_Q": N, "N_KV": N, "D": D}
+    types, aligned = {}, []
+    for i, name in enumerate(kernel.arg_names):
+        if name.startswith("stride"):
+            values[name] = {"b": H * N * D, "h": N * D, "n": D, "d": 1}[name[-1]]
+            if values[name] == 1:
+                constexprs[name] = 1
+        if name in constexprs:
+            types[name] = "constexpr"
+        elif name in values:
+            types[name] = "i32"
+            if values[name] % 16 == 0:
+                aligned.append(i)
+        elif name == "sm_scale":
+            types[name] = "fp32"
+        else:  # a pointer; allocations are 16-byte aligned
+            types[name] = {"KEY_LENGTHS": "*i32", "LSE": "*fp32", "DELTA": "*fp32"}.get(name, "*" + dtype)
+            aligned.append(i)
+    source = ASTSource(fn=kernel, signature=types, constexprs={(kernel.arg_names.index(n),): v
+                                                               for n, v in constexprs.items()},
+                       attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+
+
+def resources(compiled):
+    """What a compiled kernel uses: shared memory, registers and spilled bytes per thread (by
+    cuobjdump, which Triton ships; None without it), and how it reads global memory."""
+    regs = spill = None
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if cuobjdump.exists():
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(compiled.asm["cubin"])
+            f.flush()
+            usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name],
+                                   capture_output=True, text=True).stdout
+        found = dict(re.findall(r"\b(REG|STACK):(\d+)", usage))
+        regs, spill = (int(found[k]) if k in found else None for k in ("REG", "STACK"))
+    loads = re.findall(r"\bld\.global[\w.:]*", compiled.asm["ptx"])
+    return {"shared": compiled.metadata.shared, "registers": regs, "spill": spill,
+            # a 16-bit element loaded alone: the tile is not moved in vectors
+            "scalar_loads": any(w.endswith(".b16") and ".v" not in w for w in loads),
+            "async_copies": len(re.findall(r"\bcp\.async\.c[ag]\.", compiled.asm["ptx"]))}
+
+
+def stage_compile(args):
+    """Every autotune candidate of the three attention kernels, bf16, D = 64, 72, 128, compiled for
+    sm_90: fails on a compile error, shared memory over the limit, or a tile loaded element by element."""
+    report = Report(args.out, "# The attention kernels compiled for sm_90 (H100), on this machine")
+    report.add(environment(), "", "Contiguous (B, 16, 1024, D) bf16 tensors; spill: bytes per thread in local "
+               "memory (0 is best); async copies: cp.async instructions, the pipelined K/V (or Q, dO) loads.", "",
+               "| kernel | D | BLOCK_M x BLOCK_N | warps | stages | shared KiB | registers | spill | "
+               "vector loads | async copies |", "|---|---:|---|---:|---:|---:|---:|---:|---|---:|")
+    for name, tuned in tuned_kernels().items():
+        for D in (64, 72, 128):
+            for config in tuned.configs:
+                m, n, warps, stages = config_key(config)
+                row = f"| {name} | {D} | {m} x {n} | {warps} | {stages} |"
+                try:
+                    r = resources(compile_for_sm90(tuned.fn, "bf16", D, config.kwargs, warps, stages))
+                except Exception as err:  # noqa: BLE001 - the row says which config and why
+                    report.add(f"{row} FAIL: {type(err).__name__}: {str(err).strip().splitlines()[-1][:200]} |", ok=False)
+                    continue
+                ok = r["shared"] <= SHARED_LIMIT and not r["scalar_loads"]
+                report.add(f"{row} {r['shared'] / 1024:.0f} | {r['registers']} | {r['spill']} | "
+                           f"{'no: FAIL' if r['scalar_loads'] else 'yes'} | {r['async_copies']} |"
+                           + ("" if r["shared"] <= SHARED_LIMIT else " FAIL: over 227 KiB"), ok=ok)
+    return report.finish()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
-    parser.add_argument("stage", choices=("kernel", "step", "train", "preset"))
+    parser.add_argument("stage", choices=("kernel", "step", "train", "preset", "compile"))
     parser.add_argument("--out", required=True, help="the stage's result file")
     parser.add_argument("--grid", help="stage preset: where to copy the sample grid")
     parser.add_argument("--work", help="stage preset: a scratch folder for the run")
@@ -487,6 +583,10 @@ def main(argv=None):
         parser.error(f"--seconds: expected a number > 0, got {args.seconds:g}")
     if args.stage == "preset" and not (args.grid and args.work):
         parser.error("stage preset needs --grid FILE and --work DIR")
+    if args.stage == "compile":
+        if flash_attn_triton._INTERPRET or args.smoke:
+            parser.error("stage compile compiles for a GPU: run it without TRITON_INTERPRET and without --smoke")
+        return stage_compile(args)
     if args.smoke != flash_attn_triton._INTERPRET:
         parser.error("--smoke goes with TRITON_INTERPRET=1 (the kernel on the CPU), and only with it")
     if not args.smoke and DEVICE.type != "cuda":
