@@ -548,7 +548,7 @@ def stage_compile(args):
     """Every autotune candidate of the three attention kernels, bf16, D = 64, 72, 128, compiled for
     sm_90: fails on a compile error, shared memory over the limit, or a tile loaded element by element."""
     report = Report(args.out, "# The attention kernels compiled for sm_90 (H100), on this machine")
-    report.add(environment(), "", "Contiguous (B, 16, 1024, D) bf16 tensors; spill: bytes per thread in local "
+    report.add(f"`python assets/gpu_check.py compile --out {Path(args.out).name}`; {environment()}", "", "Contiguous (B, 16, 1024, D) bf16 tensors; spill: bytes per thread in local "
                "memory (0 is best); async copies: cp.async instructions, the pipelined K/V (or Q, dO) loads.", "",
                "| kernel | D | BLOCK_M x BLOCK_N | warps | stages | shared KiB | registers | spill | "
                "vector loads | async copies |", "|---|---:|---|---:|---:|---:|---:|---:|---|---:|")
