@@ -505,14 +505,14 @@ def _attn_bwd_dq_kernel(
 # ---------------------------------------------------------------------------------------
 
 
-def _configs(row_blocks, loop_blocks, rows_name, loop_name):
+def _configs(row_blocks, loop_blocks, rows_name, loop_name, eight_warps_from=128):
     """Candidate configs: a program owns `rows_name` rows and steps `loop_name` at a time."""
     configs = []
     for rows in row_blocks:
         for step in loop_blocks:
             # 8 warps (two Hopper warpgroups) only pay off when a big tile gives each enough
             # rows; for smaller tiles they mostly add synchronisation.
-            warps = (4, 8) if rows == 128 and step >= 64 else (4,)
+            warps = (4, 8) if rows >= eight_warps_from and step >= 64 else (4,)
             # 128-row K/V tiles at D = 128 leave shared memory for only 2-3 pipeline stages.
             stages = (2, 3) if step == 128 else (3, 4)
             for w in warps:
@@ -542,11 +542,14 @@ def _autotuned(kernel, configs):
                            prune_configs_by={"early_config_prune": _prune_by_length})(kernel)
 
 
-# 16 forward and 10 + 10 backward candidates before pruning: each is compiled once per
+# 16 forward and 12 + 10 backward candidates before pruning: each is compiled once per
 # (N_q, N_kv, D, dtype), so the list is kept short. Triton caches the binaries on disk.
 _attn_fwd_tuned = _autotuned(_attn_fwd_kernel, _configs((64, 128), (32, 64, 128), "BLOCK_M", "BLOCK_N"))
-# dK/dV: the program's key block is the big one; query blocks stream past it.
-_attn_bwd_dkdv_tuned = _autotuned(_attn_bwd_dkdv_kernel, _configs((64, 128), (32, 64), "BLOCK_N", "BLOCK_M"))
+# dK/dV: the program's key block is the big one; query blocks stream past it. It holds two
+# (keys, D) fp32 accumulators, so 8 warps pay already for 64 keys: with 4, large head dims
+# spill registers (assets/compile_sm90.md).
+_attn_bwd_dkdv_tuned = _autotuned(_attn_bwd_dkdv_kernel, _configs((64, 128), (32, 64), "BLOCK_N", "BLOCK_M",
+                                                                  eight_warps_from=64))
 _attn_bwd_dq_tuned = _autotuned(_attn_bwd_dq_kernel, _configs((64, 128), (32, 64), "BLOCK_M", "BLOCK_N"))
 
 # Under the interpreter each tile operation is a numpy call with a fixed Python overhead,

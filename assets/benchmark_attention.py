@@ -44,14 +44,15 @@ SHAPES = [  # (workload, B, H, N, D): the paper's models at 256 tokens, then lon
 SMOKE_SHAPES = [("toy", 1, 2, 33, 72)]  # ragged against every block, head dim padded to 128
 
 # The autotune candidates most likely to win on Hopper (the Triton tutorial's FlashAttention
-# choices and their neighbours: a guess until a GPU run's third table shows which win), plus the
+# choices and their neighbours: a guess until a GPU run's third table shows which win), the 8-warp
+# 64 x 64 dK/dV tile, which spills no registers at large head dims (assets/compile_sm90.md), and the
 # smallest tile, which fits any dtype and head dim. --autotune quick keeps only these of
-# flash_attn_triton's lists (14 configs instead of 36), so that a new shape compiles and times a
+# flash_attn_triton's lists (15 configs instead of 38), so that a new shape compiles and times a
 # third as many. Each is (BLOCK_M, BLOCK_N, warps, stages): BLOCK_M always tiles the queries and
 # BLOCK_N the keys, also in dK/dV, where a program owns keys.
 QUICK_CONFIGS = {
     "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
-    "dkdv": [(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3)],
+    "dkdv": [(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3)],
     "dq": [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
 }
 
