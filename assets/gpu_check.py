@@ -473,10 +473,6 @@ def stage_preset(args):
 
 
 # -----------------------------------------------------------------------------
-# Command line
-# -----------------------------------------------------------------------------
-
-# -----------------------------------------------------------------------------
 # Without a GPU: the kernels compiled for an H100 (sm_90)
 # -----------------------------------------------------------------------------
 
@@ -548,8 +544,9 @@ def stage_compile(args):
     """Every autotune candidate of the three attention kernels, bf16, D = 64, 72, 128, compiled for
     sm_90: fails on a compile error, shared memory over the limit, or a tile loaded element by element."""
     report = Report(args.out, "# The attention kernels compiled for sm_90 (H100), on this machine")
-    report.add(f"`python assets/gpu_check.py compile --out {Path(args.out).name}`; {environment()}", "", "Contiguous (B, 16, 1024, D) bf16 tensors; spill: bytes per thread in local "
-               "memory (0 is best); async copies: cp.async instructions, the pipelined K/V (or Q, dO) loads.", "",
+    report.add(f"`python assets/gpu_check.py compile --out {Path(args.out).name}`; {environment()}", "",
+               "Contiguous (B, 16, 1024, D) bf16 tensors; spill: bytes per thread in local memory (0 is best); "
+               "async copies: cp.async instructions, the pipelined K/V (or Q, dO) loads.", "",
                "| kernel | D | BLOCK_M x BLOCK_N | warps | stages | shared KiB | registers | spill | "
                "vector loads | async copies |", "|---|---:|---|---:|---:|---:|---:|---:|---|---:|")
     for name, tuned in tuned_kernels().items():
@@ -560,7 +557,8 @@ def stage_compile(args):
                 try:
                     r = resources(compile_for_sm90(tuned.fn, "bf16", D, config.kwargs, warps, stages))
                 except Exception as err:  # noqa: BLE001 - the row says which config and why
-                    report.add(f"{row} FAIL: {type(err).__name__}: {str(err).strip().splitlines()[-1][:200]} |", ok=False)
+                    reason = str(err).strip().splitlines()[-1][:200] if str(err).strip() else ""
+                    report.add(f"{row} FAIL: {type(err).__name__}: {reason} |", ok=False)
                     continue
                 ok = r["shared"] <= SHARED_LIMIT and not r["scalar_loads"]
                 report.add(f"{row} {r['shared'] / 1024:.0f} | {r['registers']} | {r['spill']} | "
@@ -568,6 +566,10 @@ def stage_compile(args):
                            + ("" if r["shared"] <= SHARED_LIMIT else " FAIL: over 227 KiB"), ok=ok)
     return report.finish()
 
+
+# -----------------------------------------------------------------------------
+# Command line
+# -----------------------------------------------------------------------------
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
